@@ -1,0 +1,408 @@
+"""A Llama-family decoder LM (llama, mistral, qwen2) as pure-functional flax.linen modules.
+
+Parameters are a plain pytree; every entry point is a pure function of (config, params,
+inputs). Layers are stacked with `nn.scan` (leading layer axis on every layer parameter),
+which keeps compile time flat in depth and gives FSDP one array per weight kind.
+
+Attention is pluggable: a `Block` computes q/k/v (with RoPE at explicit positions) and
+hands them to an *attention strategy* that decides what each query sees and what per-layer
+state (a KV cache, the keys of a base pass, ...) flows in and out. Three strategies live
+here: `CausalAttention` (a full sequence, with padding and sliding window),
+`CachedAttention` (incremental decoding with a KV cache). Quiet-STaR's thought attention
+(in `quiet_star.py`) is a third, built from the helpers below; nothing hard-wires a
+plain causal mask into the only code path.
+
+Shape suffixes: B batch, T query length, S key length, D model width, H query heads,
+G key/value heads, R = H // G queries per KV head, K head dim, F MLP width, V vocab,
+L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qstar_jax.config import ModelConfig
+
+Params = Any  # nested dict of arrays: {"embed_tokens": ..., "layers": ..., ...}
+MASKED_SCORE = -1e30  # finite, so a fully masked (padding) query still gives finite output
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding in the "rotate half" layout used by HF Llama checkpoints."""
+    head_dim = x_BxTxHxK.shape[-1]
+    inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_K2
+    angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
+    cos_BxTx1xK = jnp.cos(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
+    sin_BxTx1xK = jnp.sin(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
+    x1, x2 = jnp.split(x_BxTxHxK, 2, axis=-1)
+    rotated_BxTxHxK = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BxTxHxK * cos_BxTx1xK + rotated_BxTxHxK * sin_BxTx1xK
+
+
+def group_queries(q_BxTxHxK: jax.Array, num_kv_heads: int) -> jax.Array:
+    """Splits query heads into (G KV heads) x (R queries per KV head) for grouped-query attention."""
+    b, t, h, k = q_BxTxHxK.shape
+    return q_BxTxHxK.reshape(b, t, num_kv_heads, h // num_kv_heads, k)
+
+
+def attention_scores(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array) -> jax.Array:
+    """Scaled dot-product scores in float32, shape BxTxGxRxS."""
+    q_BxTxGxRxK = group_queries(q_BxTxHxK, k_BxSxGxK.shape[2])
+    scale = q_BxTxHxK.shape[-1] ** -0.5
+    scores = jnp.einsum("btgrk,bsgk->btgrs", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    return scores * scale
+
+
+def masked_attention(
+    q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_BxTxS: jax.Array
+) -> jax.Array:
+    """Softmax attention where query t sees key s iff mask[b, t, s]."""
+    scores_BxTxGxRxS = attention_scores(q_BxTxHxK, k_BxSxGxK)
+    scores_BxTxGxRxS = jnp.where(mask_BxTxS[:, :, None, None, :], scores_BxTxGxRxS, MASKED_SCORE)
+    probs_BxTxGxRxS = jax.nn.softmax(scores_BxTxGxRxS, axis=-1).astype(v_BxSxGxK.dtype)
+    out_BxTxGxRxK = jnp.einsum("btgrs,bsgk->btgrk", probs_BxTxGxRxS, v_BxSxGxK)
+    b, t, g, r, k = out_BxTxGxRxK.shape
+    return out_BxTxGxRxK.reshape(b, t, g * r, k)
+
+
+def window_mask(q_positions_BxT: jax.Array, kv_positions_BxS: jax.Array, window: int | None) -> jax.Array:
+    """True where the key lies inside the query's sliding window (distance < window)."""
+    distance_BxTxS = q_positions_BxT[:, :, None] - kv_positions_BxS[:, None, :]
+    if window is None:
+        return jnp.ones(distance_BxTxS.shape, dtype=bool)
+    return distance_BxTxS < window
+
+
+def positions_from_valid(valid_BxT: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
+    """Position ids that count only valid (non-padding) tokens, so left padding is harmless."""
+    positions_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+    if start_B is not None:
+        positions_BxT = positions_BxT + start_B[:, None]
+    return jnp.maximum(positions_BxT, 0 if start_B is None else start_B[:, None])
+
+
+# ----------------------------------------------------------------- attention strategies
+
+
+class AttentionInputs(NamedTuple):
+    """What every layer shares: query positions (for RoPE) and strategy-specific arrays."""
+
+    positions_BxT: jax.Array
+    extras: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalAttention:
+    """Self-attention over one full sequence: causal by index, padding keys hidden.
+
+    `extras` is `valid_BxT` (bool). With `return_kv`, each layer's post-RoPE keys and
+    values come back as the per-layer output, so a later pass (Quiet-STaR thoughts,
+    decoding) can attend to this pass without recomputing it.
+    """
+
+    sliding_window: int | None = None
+    return_kv: bool = False
+
+    def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
+        del layer_state
+        valid_BxT = inputs.extras
+        t = q_BxTxHxK.shape[1]
+        index_T = jnp.arange(t)
+        causal_TxT = index_T[:, None] >= index_T[None, :]
+        mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
+        mask_BxTxT &= window_mask(inputs.positions_BxT, inputs.positions_BxT, self.sliding_window)
+        out_BxTxHxK = masked_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxT)
+        return out_BxTxHxK, ((k_BxTxGxK, v_BxTxGxK) if self.return_kv else None)
+
+
+class CacheExtras(NamedTuple):
+    """Per-call arrays for `CachedAttention`: where to write, and what the cache then holds."""
+
+    write_index: jax.Array  # int32 scalar: first cache slot of the new tokens
+    kv_positions_BxS: jax.Array  # position of each cache slot (after this write)
+    kv_valid_BxS: jax.Array  # whether each cache slot holds a real token (after this write)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedAttention:
+    """Incremental decoding: write the new keys/values into the cache, attend over the cache.
+
+    A query sees a slot iff the slot holds a real token at a position <= its own (and
+    within the sliding window). Because visibility is decided by positions, a prefill of
+    several tokens and token-by-token steps give the same result.
+    """
+
+    sliding_window: int | None = None
+
+    def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
+        k_cache_BxSxGxK, v_cache_BxSxGxK = layer_state
+        extras: CacheExtras = inputs.extras
+        k_cache_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(
+            k_cache_BxSxGxK, k_BxTxGxK.astype(k_cache_BxSxGxK.dtype), extras.write_index, axis=1
+        )
+        v_cache_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(
+            v_cache_BxSxGxK, v_BxTxGxK.astype(v_cache_BxSxGxK.dtype), extras.write_index, axis=1
+        )
+        q_pos_BxT, kv_pos_BxS = inputs.positions_BxT, extras.kv_positions_BxS
+        mask_BxTxS = extras.kv_valid_BxS[:, None, :] & (kv_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None])
+        mask_BxTxS &= window_mask(q_pos_BxT, kv_pos_BxS, self.sliding_window)
+        out_BxTxHxK = masked_attention(
+            q_BxTxHxK, k_cache_BxSxGxK.astype(q_BxTxHxK.dtype), v_cache_BxSxGxK.astype(q_BxTxHxK.dtype), mask_BxTxS
+        )
+        return out_BxTxHxK, (k_cache_BxSxGxK, v_cache_BxSxGxK)
+
+
+# -------------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as the HF Llama family does."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        scale_D = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), self.param_dtype)
+        x32 = x_BxTxD.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale_D.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: attention (strategy-defined) then a SwiGLU MLP."""
+
+    config: ModelConfig
+    attention: Any
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, layer_state: Any, inputs: AttentionInputs):
+        cfg = self.config
+        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dense = functools.partial(
+            nn.Dense, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(0.02)
+        )
+        norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        b, t, _ = x_BxTxD.shape
+        h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        y_BxTxD = norm(name="attn_norm")(x_BxTxD)
+        q_BxTxHxK = dense(h * k, use_bias=cfg.qkv_bias, name="q_proj")(y_BxTxD).reshape(b, t, h, k)
+        k_BxTxGxK = dense(g * k, use_bias=cfg.qkv_bias, name="k_proj")(y_BxTxD).reshape(b, t, g, k)
+        v_BxTxGxK = dense(g * k, use_bias=cfg.qkv_bias, name="v_proj")(y_BxTxD).reshape(b, t, g, k)
+        q_BxTxHxK = apply_rope(q_BxTxHxK, inputs.positions_BxT, cfg.rope_theta)
+        k_BxTxGxK = apply_rope(k_BxTxGxK, inputs.positions_BxT, cfg.rope_theta)
+        out_BxTxHxK, new_layer_state = self.attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs)
+        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=False, name="o_proj")(out_BxTxHxK.reshape(b, t, h * k))
+
+        y_BxTxD = norm(name="mlp_norm")(x_BxTxD)
+        gate_BxTxF = dense(cfg.intermediate_size, use_bias=False, name="gate_proj")(y_BxTxD)
+        up_BxTxF = dense(cfg.intermediate_size, use_bias=False, name="up_proj")(y_BxTxD)
+        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate_BxTxF) * up_BxTxF)
+        return x_BxTxD, new_layer_state
+
+
+class Transformer(nn.Module):
+    """Embedding, a scanned stack of `Block`s, final RMSNorm and LM head.
+
+    Methods are separate so callers (Quiet-STaR) can substitute embeddings, run the
+    layers under their own attention strategy, and apply the LM head in chunks.
+    """
+
+    config: ModelConfig
+    attention: Any = None
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        attention = self.attention or CausalAttention(cfg.sliding_window)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.initializers.normal(0.02),
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, attention)
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.initializers.normal(0.02),
+            )
+
+    def embed(self, tokens_BxT: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens_BxT)
+
+    def transform(self, x_BxTxD: jax.Array, inputs: AttentionInputs, layer_states: Any = None):
+        """Runs all layers; returns final-normed hidden states and the stacked per-layer outputs."""
+        x_BxTxD, new_layer_states = self.layers(x_BxTxD, layer_states, inputs)
+        return self.final_norm(x_BxTxD), new_layer_states
+
+    def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            logits_BxTxV = self.embed_tokens.attend(h_BxTxD)
+        else:
+            logits_BxTxV = self.lm_head(h_BxTxD)
+        return logits_BxTxV.astype(jnp.float32)
+
+    def __call__(self, tokens_BxT: jax.Array, inputs: AttentionInputs, layer_states: Any = None):
+        h_BxTxD, new_layer_states = self.transform(self.embed(tokens_BxT), inputs, layer_states)
+        return self.logits(h_BxTxD), h_BxTxD, new_layer_states
+
+
+# ------------------------------------------------------------------------- entry points
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters (normal(0.02) weights, unit norms), as HF initialises Llama models."""
+    tokens_1x1 = jnp.zeros((1, 1), jnp.int32)
+    inputs = AttentionInputs(jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
+    return Transformer(config).init(rng, tokens_1x1, inputs)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array | None = None,
+    valid_BxT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Full-sequence forward; returns (float32 logits_BxTxV, final-normed hidden_BxTxD).
+
+    `valid_BxT` marks real tokens (False = padding, hidden from every query). When
+    positions are not given they count valid tokens, so left- or right-padding is harmless.
+    """
+    chex.assert_rank(tokens_BxT, 2)
+    if valid_BxT is None:
+        valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+    if positions_BxT is None:
+        positions_BxT = positions_from_valid(valid_BxT)
+    inputs = AttentionInputs(positions_BxT, valid_BxT)
+    logits_BxTxV, h_BxTxD, _ = Transformer(config).apply({"params": params}, tokens_BxT, inputs)
+    return logits_BxTxV, h_BxTxD
+
+
+def apply_lm(
+    config: ModelConfig,
+    params: Params,
+    tokens_BxL: jax.Array,
+    positions_BxL: jax.Array | None = None,
+    valid_BxL: jax.Array | None = None,
+) -> jax.Array:
+    """Float32 next-token logits_BxLxV for a batch of token ids (public API)."""
+    return forward(config, params, jnp.asarray(tokens_BxL), positions_BxL, valid_BxL)[0]
+
+
+def grow_vocab(
+    config: ModelConfig, params: Params, vocab_size: int, rows: dict[int, jax.Array]
+) -> tuple[ModelConfig, Params]:
+    """Grows the embedding and LM-head to `vocab_size` ids and sets the given rows.
+
+    New rows not named in `rows` start at the mean embedding (a neutral token, the usual
+    choice when resizing HF models). Each value in `rows` is a D-vector written to that
+    id's embedding row and LM-head column, so an added token starts out behaving like the
+    token it was initialised from. Shrinking is refused: it would silently drop ids.
+    """
+    if vocab_size < config.vocab_size:
+        raise ValueError(f"cannot shrink vocab from {config.vocab_size} to {vocab_size}")
+    params = jax.tree.map(lambda x: x, params)  # shallow copy; leaves are immutable arrays
+    extra = vocab_size - config.vocab_size
+
+    def grow(matrix_VxD: jax.Array) -> jax.Array:
+        mean_1xD = matrix_VxD.mean(axis=0, keepdims=True)
+        grown_VxD = jnp.concatenate([matrix_VxD, jnp.repeat(mean_1xD, extra, axis=0)], axis=0)
+        for token_id, row_D in rows.items():
+            grown_VxD = grown_VxD.at[token_id].set(row_D.astype(grown_VxD.dtype))
+        return grown_VxD
+
+    params["embed_tokens"] = {"embedding": grow(params["embed_tokens"]["embedding"])}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"].T).T}
+    return config.replace(vocab_size=vocab_size), params
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for incremental decoding, plus slot bookkeeping."""
+
+    k_LxBxSxGxK: jax.Array
+    v_LxBxSxGxK: jax.Array
+    positions_BxS: jax.Array  # int32 position held in each slot
+    valid_BxS: jax.Array  # bool: slot holds a real token
+    length: jax.Array  # int32 scalar: slots written so far
+    next_position_B: jax.Array  # int32: position the next real token of each row gets
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
+    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    dtype = _dtype(config.dtype)
+    return KVCache(
+        k_LxBxSxGxK=jnp.zeros(shape, dtype),
+        v_LxBxSxGxK=jnp.zeros(shape, dtype),
+        positions_BxS=jnp.zeros((batch, max_length), jnp.int32),
+        valid_BxS=jnp.zeros((batch, max_length), bool),
+        length=jnp.zeros((), jnp.int32),
+        next_position_B=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def decode_step(
+    config: ModelConfig,
+    params: Params,
+    tokens_BxT: jax.Array,
+    cache: KVCache,
+    valid_BxT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Appends T tokens (a prefill chunk or one new token) to the cache.
+
+    Returns (logits_BxTxV, hidden_BxTxD, updated cache). Padding tokens (valid False)
+    take a slot but are never attended to and do not advance positions.
+    """
+    if valid_BxT is None:
+        valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+    t = tokens_BxT.shape[1]
+    positions_BxT = positions_from_valid(valid_BxT, cache.next_position_B)
+    kv_positions_BxS = jax.lax.dynamic_update_slice_in_dim(cache.positions_BxS, positions_BxT, cache.length, 1)
+    kv_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, cache.length, 1)
+    inputs = AttentionInputs(positions_BxT, CacheExtras(cache.length, kv_positions_BxS, kv_valid_BxS))
+    model = Transformer(config, CachedAttention(config.sliding_window))
+    logits_BxTxV, h_BxTxD, (k_LxBxSxGxK, v_LxBxSxGxK) = model.apply(
+        {"params": params}, tokens_BxT, inputs, (cache.k_LxBxSxGxK, cache.v_LxBxSxGxK)
+    )
+    new_cache = KVCache(
+        k_LxBxSxGxK,
+        v_LxBxSxGxK,
+        kv_positions_BxS,
+        kv_valid_BxS,
+        cache.length + t,
+        cache.next_position_B + valid_BxT.sum(axis=1, dtype=jnp.int32),
+    )
+    return logits_BxTxV, h_BxTxD, new_cache

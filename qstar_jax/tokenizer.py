@@ -1,0 +1,200 @@
+"""Tokenizers behind one small interface, plus Quiet-STaR's thought tokens.
+
+Two kinds of files ship with the models we support: a SentencePiece `tokenizer.model`
+(Mistral, Llama-2) and a HF `tokenizer.json` (Qwen2, Llama-3, SmolLM). Both are wrapped
+as `Tokenizer`: encode/decode plain text, look up special ids, and add new special tokens
+(Quiet-STaR's `<|startofthought|>` / `<|endofthought|>`), which always round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Sequence
+
+import sentencepiece as spm
+import tokenizers
+
+from qstar_jax.errors import UserError
+
+START_THOUGHT = "<|startofthought|>"
+END_THOUGHT = "<|endofthought|>"
+SP_ADDED_TOKENS_FILE = "added_tokens.json"
+
+
+class Tokenizer:
+    """Common interface; `vocab_size` counts every id the tokenizer can emit, added ones too."""
+
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Adds tokens that encode as one id each and never merge with text; returns their ids."""
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A `tokenizer.model` plus added special tokens numbered after the SentencePiece vocab.
+
+    SentencePiece models cannot grow, so added tokens live here: text is split on them,
+    the pieces in between go through SentencePiece, and each added token maps to its id.
+    """
+
+    def __init__(self, model_file: str, added_tokens: dict[str, int] | None = None):
+        self._model_file = model_file
+        self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        self._added: dict[str, int] = dict(added_tokens or {})
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        pad = self._sp.pad_id()
+        self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id is not None else 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size() + len(self._added)
+
+    def _split_pattern(self) -> re.Pattern | None:
+        if not self._added:
+            return None
+        alternatives = sorted(self._added, key=len, reverse=True)
+        return re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        pattern = self._split_pattern()
+        chunks = pattern.split(text) if pattern else [text]
+        ids: list[int] = []
+        for chunk in chunks:
+            if chunk in self._added:
+                ids.append(self._added[chunk])
+            elif chunk:
+                ids.extend(self._sp.encode(chunk))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        by_id = {i: t for t, i in self._added.items()}
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in by_id:
+                pieces.append(self._sp.decode(run))
+                pieces.append(by_id[i])
+                run = []
+            else:
+                run.append(i)
+        pieces.append(self._sp.decode(run))
+        return "".join(pieces)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        for token in tokens:
+            if token not in self._added:
+                self._added[token] = self.vocab_size
+        return [self._added[t] for t in tokens]
+
+    def token_id(self, token: str) -> int | None:
+        if token in self._added:
+            return self._added[token]
+        piece = self._sp.piece_to_id(token)
+        return None if piece == self._sp.unk_id() else piece
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(self._model_file, os.path.join(directory, "tokenizer.model"))
+        with open(os.path.join(directory, SP_ADDED_TOKENS_FILE), "w") as f:
+            json.dump(self._added, f, indent=2)
+
+
+class HFTokenizer(Tokenizer):
+    """A HF `tokenizer.json` (byte-level BPE and friends) via the `tokenizers` library."""
+
+    def __init__(self, tokenizer_file: str, special: dict[str, str] | None = None):
+        self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+        self._special = dict(special or {})
+        self.bos_id = self._id_of(self._special.get("bos_token"))
+        self.eos_id = self._id_of(self._special.get("eos_token"))
+        pad = self._id_of(self._special.get("pad_token"))
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def _id_of(self, token: str | dict | None) -> int | None:
+        if isinstance(token, dict):  # tokenizer_config.json may store AddedToken dicts
+            token = token.get("content")
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        self._tok.add_special_tokens(
+            [tokenizers.AddedToken(t, special=True, normalized=False) for t in tokens]
+        )
+        return [self._tok.token_to_id(t) for t in tokens]
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(self._special, f, indent=2)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def has_tokenizer(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(directory: str) -> Tokenizer:
+    """Loads `tokenizer.json` (preferred, it is what current HF models ship) or `tokenizer.model`."""
+    json_file = os.path.join(directory, "tokenizer.json")
+    sp_file = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(json_file):
+        config_file = os.path.join(directory, "tokenizer_config.json")
+        special = {}
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                config = json.load(f)
+            special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
+        return HFTokenizer(json_file, special)
+    if os.path.isfile(sp_file):
+        added_file = os.path.join(directory, SP_ADDED_TOKENS_FILE)
+        added = None
+        if os.path.isfile(added_file):
+            with open(added_file) as f:
+                added = json.load(f)
+        return SentencePieceTokenizer(sp_file, added)
+    raise UserError(f"no tokenizer in {directory}: expected one of {', '.join(TOKENIZER_FILES)}")
+
+
+def add_thought_tokens(tokenizer: Tokenizer) -> tuple[int, int]:
+    """Adds `<|startofthought|>` and `<|endofthought|>`; returns (start_id, end_id)."""
+    start_id, end_id = tokenizer.add_special_tokens([START_THOUGHT, END_THOUGHT])
+    return start_id, end_id

@@ -1,0 +1,87 @@
+"""The convert CLI both ways, sharded HF checkpoints, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hf_models import make_tiny_hf_model, torch_logits
+from qstar_jax import checkpoint, convert, hf
+from qstar_jax.errors import UserError
+from qstar_jax.model import apply_lm
+from qstar_jax.tokenizer import load_tokenizer
+from tokenizers_local import train_bpe_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_convert_round_trip_with_tokenizer(tmp_path):
+    import transformers
+
+    hf_dir, model_dir, out_dir = (str(tmp_path / n) for n in ("hf", "model", "back"))
+    torch_model = make_tiny_hf_model("qwen2_bias", hf_dir)
+    train_bpe_json(hf_dir)
+    convert.main(["--hf-checkpoint", hf_dir, "--output", model_dir])
+    config, params = checkpoint.load_model(model_dir)
+    assert checkpoint.load_model_tokenizer(model_dir).encode("cat sat") == load_tokenizer(hf_dir).encode("cat sat")
+    tokens = np.arange(10)[None] % 97
+    ref = torch_logits(torch_model, tokens)
+    assert np.abs(np.asarray(apply_lm(config, params, tokens)) - ref).max() <= 1e-4
+
+    convert.main(["--to-hf", "--checkpoint", model_dir, "--output", out_dir])
+    assert os.path.isfile(os.path.join(out_dir, "tokenizer.json"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype="float32").eval()
+    assert np.abs(torch_logits(reloaded, tokens) - ref).max() <= 1e-4
+
+
+def test_convert_bfloat16_params(tmp_path):
+    hf_dir, model_dir = str(tmp_path / "hf"), str(tmp_path / "model")
+    make_tiny_hf_model("llama_tied", hf_dir)
+    convert.main(["--hf-checkpoint", hf_dir, "--output", model_dir, "--dtype", "bfloat16"])
+    config, params = checkpoint.load_model(model_dir)
+    assert config.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("bfloat16")}
+    _, params32 = hf.load_hf_model(hf_dir)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype("bfloat16")), params, params32)
+
+
+def test_sharded_hf_checkpoint_loads(tmp_path):
+    torch_model = make_tiny_hf_model("llama_untied", str(tmp_path / "single"))
+    torch_model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="60KB")
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    _, single = hf.load_hf_model(str(tmp_path / "single"))
+    _, sharded = hf.load_hf_model(str(tmp_path / "sharded"))
+    jax.tree.map(np.testing.assert_array_equal, single, sharded)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "qstar_jax.convert", *args],
+            capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+        )
+
+    result = run("--hf-checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} is not a Hugging Face checkpoint: config.json is missing"]
+
+    result = run("--to-hf", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "is not a qstar_jax model directory" in result.stderr
+
+
+def test_wrong_architecture_params_are_refused(tmp_path):
+    """A model dir whose params do not fit its config (e.g. copied from another model) fails clearly."""
+    make_tiny_hf_model("llama_untied", str(tmp_path / "a"))
+    make_tiny_hf_model("qwen2_bias", str(tmp_path / "b"))
+    convert.main(["--hf-checkpoint", str(tmp_path / "a"), "--output", str(tmp_path / "ma")])
+    convert.main(["--hf-checkpoint", str(tmp_path / "b"), "--output", str(tmp_path / "mb")])
+    os.replace(tmp_path / "mb" / "model_config.json", tmp_path / "ma" / "model_config.json")
+    with pytest.raises(UserError, match="do not match its model config"):
+        checkpoint.load_model(str(tmp_path / "ma"))

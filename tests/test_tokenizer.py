@@ -1,0 +1,89 @@
+"""Both tokenizer kinds: text/id round trips with thought tokens, save/reload, vocab growth."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qstar_jax.config import ModelConfig
+from qstar_jax.errors import UserError
+from qstar_jax.model import apply_lm, grow_vocab, init_params
+from qstar_jax.tokenizer import (
+    END_THOUGHT,
+    START_THOUGHT,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    add_thought_tokens,
+    load_tokenizer,
+)
+from tokenizers_local import train_bpe_json, train_sentencepiece
+
+TEXTS = [
+    "what is 3 plus 4? " + START_THOUGHT + "3 and 4 make 7" + END_THOUGHT + " 7.",
+    START_THOUGHT + END_THOUGHT + "  two  spaces, a tab\t and ünïcödé",
+    "no thought tokens at all",
+    END_THOUGHT + " leading end then " + START_THOUGHT,
+]
+
+
+@pytest.fixture(params=["sentencepiece", "tokenizer.json"])
+def tokenizer_dir(request, tmp_path):
+    if request.param == "sentencepiece":
+        train_sentencepiece(str(tmp_path))
+    else:
+        train_bpe_json(str(tmp_path))
+    return str(tmp_path)
+
+
+def test_thought_tokens_round_trip_text_and_ids(tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    base_vocab = tokenizer.vocab_size
+    start_id, end_id = add_thought_tokens(tokenizer)
+    assert (start_id, end_id) == (base_vocab, base_vocab + 1)
+    assert tokenizer.vocab_size == base_vocab + 2
+    assert tokenizer.token_id(START_THOUGHT) == start_id
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert ids.count(start_id) == text.count(START_THOUGHT)
+        assert ids.count(end_id) == text.count(END_THOUGHT)
+        assert tokenizer.encode(tokenizer.decode(ids)) == ids
+    # Adding again is a no-op; saving and reloading keeps the ids.
+    assert add_thought_tokens(tokenizer) == (start_id, end_id)
+    tokenizer.save(str(tmp_path / "saved"))
+    reloaded = load_tokenizer(str(tmp_path / "saved"))
+    assert type(reloaded) is type(tokenizer)
+    for text in TEXTS:
+        assert reloaded.encode(text) == tokenizer.encode(text)
+    assert reloaded.eos_id == tokenizer.eos_id is not None
+
+
+def test_kinds_are_detected(tmp_path):
+    train_sentencepiece(str(tmp_path / "sp"))
+    train_bpe_json(str(tmp_path / "bpe"))
+    assert isinstance(load_tokenizer(str(tmp_path / "sp")), SentencePieceTokenizer)
+    assert isinstance(load_tokenizer(str(tmp_path / "bpe")), HFTokenizer)
+    assert load_tokenizer(str(tmp_path / "bpe")).eos_id == 0
+    with pytest.raises(UserError, match="no tokenizer in"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_grow_vocab_adds_rows_and_keeps_old_logits(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = ModelConfig("llama", tokenizer.vocab_size, 32, 64, 2, 4, 2, 8)
+    params = init_params(config, jax.random.key(0))
+    dash_id = tokenizer.encode("---")[0]
+    dash_D = params["embed_tokens"]["embedding"][dash_id]
+    start_id, end_id = add_thought_tokens(tokenizer)
+    grown_config, grown = grow_vocab(config, params, tokenizer.vocab_size, {start_id: dash_D, end_id: dash_D})
+    assert grown_config.vocab_size == config.vocab_size + 2
+    np.testing.assert_array_equal(grown["embed_tokens"]["embedding"][end_id], dash_D)
+    np.testing.assert_array_equal(grown["lm_head"]["kernel"][:, start_id], dash_D)
+    tokens = jnp.asarray([tokenizer.encode(TEXTS[2])])
+    old, new = apply_lm(config, params, tokens), apply_lm(grown_config, grown, tokens)
+    np.testing.assert_allclose(new[..., : config.vocab_size], old, atol=1e-6)
+    assert apply_lm(grown_config, grown, jnp.asarray([tokenizer.encode(TEXTS[0])])).shape[-1] == grown_config.vocab_size
+    with pytest.raises(ValueError, match="cannot shrink"):
+        grow_vocab(config, params, config.vocab_size - 1, {})
