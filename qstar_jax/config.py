@@ -85,3 +85,58 @@ class ModelConfig:
             raise UserError(f"model config not found: {path}")
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuietStarConfig:
+    """Every Quiet-STaR knob, defaulting to the official code (ezelikman/quiet-star).
+
+    Step counting follows the official code: step 0 is the base pass, steps 1..n_ahead-1
+    feed the thought (start, n_ahead-3 sampled tokens, end), and the next
+    n_ahead_talk-1 steps feed true tokens teacher-forced. The thought therefore holds
+    n_ahead-1 tokens including start and end. See docs/method.md for every choice.
+    """
+
+    n_ahead: int = 12
+    n_ahead_talk: int = 4
+    n_passes: int = 2
+    thought_temperature: float = 1.0
+    reinforce_temperature: float = 3.0
+    policy_loss_weight: float = 1e6
+    base_loss_weight: float = 0.5  # the talk NLL gets 1 - base_loss_weight
+    clip_negative_rewards: bool = True
+    embedding_scale: float = 100.0
+    start_token_id: int = -1  # ids of <|startofthought|> / <|endofthought|>: never sampled
+    end_token_id: int = -1
+    remat_steps: bool = True  # recompute each thought step in the backward pass
+    # "parallel": per-position thought attention, O(N * (N + S)) per step. "dense_mask": the
+    # official algorithm (every query against every thought key under an N x N*S mask),
+    # O(N^2 * S) per step; kept to measure the gain and as a cross-check in tests.
+    attention_impl: str = "parallel"
+
+    def __post_init__(self):
+        if self.n_ahead < 3:
+            raise UserError(f"n_ahead must be >= 3 (start + end + base step), got {self.n_ahead}")
+        if self.n_ahead_talk < 1:
+            raise UserError(f"n_ahead_talk must be >= 1, got {self.n_ahead_talk}")
+        if self.n_passes < 1:
+            raise UserError(f"n_passes must be >= 1, got {self.n_passes}")
+        if self.thought_temperature <= 0 or self.reinforce_temperature <= 0:
+            raise UserError("thought_temperature and reinforce_temperature must be > 0")
+        if self.attention_impl not in ("parallel", "dense_mask"):
+            raise UserError(f"attention_impl must be 'parallel' or 'dense_mask', got {self.attention_impl!r}")
+        if not 0.0 <= self.base_loss_weight <= 1.0:
+            raise UserError(f"base_loss_weight must be in [0, 1], got {self.base_loss_weight}")
+
+    @property
+    def n_sampled(self) -> int:
+        """Sampled tokens per thought (between start and end)."""
+        return self.n_ahead - 3
+
+    @property
+    def n_steps(self) -> int:
+        """Model calls after the base pass: the thought plus the teacher-forced talk inputs."""
+        return self.n_ahead - 1 + self.n_ahead_talk - 1
+
+    def replace(self, **changes: Any) -> "QuietStarConfig":
+        return dataclasses.replace(self, **changes)

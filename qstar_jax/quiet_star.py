@@ -1,0 +1,445 @@
+"""Quiet-STaR: think (parallel thoughts), talk (mixing head), learn (REINFORCE + NLL).
+
+The whole method is a pure function of (params, tokens, valid, rng) that `jax.jit` and
+`jax.grad` accept. The efficient part is the attention of thought tokens:
+
+* The base sequence is run once (`CausalAttention(return_kv=True)`); its post-RoPE keys
+  and values are kept for every layer.
+* At thought step s, every position j of every pass p feeds one new token. Its query
+  attends to (a) the base keys k <= j (padding and sliding window respected) and (b) the
+  keys of its *own* earlier thought tokens, a per-position "diagonal" block held as a
+  cache of shape B x P x N x S. One softmax spans both parts. Work per step and head is
+  O(N * (N + s)); no N x N*(s+1) mask is ever built (the official code builds one).
+* Steps run under `lax.scan` with `jax.checkpoint`, so activation memory is one step's
+  worth plus the small thought cache, and the full-vocabulary logits of a step are
+  never stored for the backward pass.
+
+Shape suffixes as in model.py, plus P passes, N sequence positions, T = P * N thought
+queries per row, S thought steps, C the number of talk steps (n_ahead_talk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.model import (
+    MASKED_SCORE,
+    AttentionInputs,
+    CausalAttention,
+    Params,
+    Transformer,
+    masked_attention,
+    positions_from_valid,
+)
+from qstar_jax.errors import UserError
+
+# ------------------------------------------------------------------- thought attention
+
+
+class ThoughtExtras(NamedTuple):
+    """Arrays every layer needs to mask a thought step."""
+
+    step: jax.Array  # int32 scalar, 1-based thought step being fed
+    base_positions_BxN: jax.Array
+    base_valid_BxN: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtAttention:
+    """Attention of one thought step: base prefix (causal) + own earlier thought tokens.
+
+    `layer_state` = (base_k, base_v, cache_k, cache_v) with base_* BxNxGxK from the base
+    pass and cache_* BxPxNxSxGxK holding steps 1..step-1 of each position's own thought.
+    Returns this step's keys/values (BxTxGxK) so the caller can extend the cache.
+    """
+
+    sliding_window: int | None = None
+
+    def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
+        base_k_BxNxGxK, base_v_BxNxGxK, cache_k_BxPxNxSxGxK, cache_v_BxPxNxSxGxK = layer_state
+        extras: ThoughtExtras = inputs.extras
+        b, p, n, s, g, k = cache_k_BxPxNxSxGxK.shape
+        h = q_BxTxHxK.shape[2]
+        r = h // g
+        dtype = q_BxTxHxK.dtype
+        q_BxPxNxGxRxK = q_BxTxHxK.reshape(b, p, n, g, r, k) * jnp.asarray(k**-0.5, dtype)
+        k_now_BxPxNxGxK = k_BxTxGxK.reshape(b, p, n, g, k)
+        v_now_BxPxNxGxK = v_BxTxGxK.reshape(b, p, n, g, k)
+        f32 = jnp.float32
+
+        base_scores = jnp.einsum(
+            "bpngrk,bsgk->bpngrs", q_BxPxNxGxRxK, base_k_BxNxGxK.astype(dtype), preferred_element_type=f32
+        )
+        cache_scores = jnp.einsum(
+            "bpngrk,bpnsgk->bpngrs", q_BxPxNxGxRxK, cache_k_BxPxNxSxGxK.astype(dtype), preferred_element_type=f32
+        )
+        own_score = jnp.einsum("bpngrk,bpngk->bpngr", q_BxPxNxGxRxK, k_now_BxPxNxGxK, preferred_element_type=f32)
+
+        # Base keys: index-causal (s <= n), real tokens only, inside the window of the
+        # thought token's own position (base position + step).
+        index_N = jnp.arange(n)
+        base_mask_BxNxN = (index_N[None, :, None] >= index_N[None, None, :]) & extras.base_valid_BxN[:, None, :]
+        if self.sliding_window is not None:
+            q_pos_BxN = extras.base_positions_BxN + extras.step
+            distance_BxNxN = q_pos_BxN[:, :, None] - extras.base_positions_BxN[:, None, :]
+            base_mask_BxNxN &= distance_BxNxN < self.sliding_window
+        slot_S = jnp.arange(s)
+        cache_mask_S = slot_S < extras.step - 1  # slots of steps 1..step-1 are filled
+        if self.sliding_window is not None:
+            cache_mask_S &= extras.step - (slot_S + 1) < self.sliding_window
+
+        base_scores = jnp.where(base_mask_BxNxN[:, None, :, None, None, :], base_scores, MASKED_SCORE)
+        cache_scores = jnp.where(cache_mask_S, cache_scores, MASKED_SCORE)
+        scores = jnp.concatenate([base_scores, cache_scores, own_score[..., None]], axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        base_probs, cache_probs, own_prob = jnp.split(probs, [n, n + s], axis=-1)
+        out_BxPxNxGxRxK = (
+            jnp.einsum("bpngrs,bsgk->bpngrk", base_probs, base_v_BxNxGxK.astype(dtype))
+            + jnp.einsum("bpngrs,bpnsgk->bpngrk", cache_probs, cache_v_BxPxNxSxGxK.astype(dtype))
+            + own_prob * v_now_BxPxNxGxK[:, :, :, :, None, :]
+        )
+        return out_BxPxNxGxRxK.reshape(b, p * n, h, k), (k_BxTxGxK, v_BxTxGxK)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseThoughtAttention:
+    """The official algorithm, for comparison: each (pass, row) attends to *all* thought keys.
+
+    Keys are the base sequence plus every position's thought cache and current token
+    (N * (S + 2) keys), hidden by a dense mask that keeps the base prefix and the query's
+    own thought. Same result as `ThoughtAttention`, at O(N^2 * S) work and mask memory.
+    """
+
+    sliding_window: int | None = None
+
+    def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
+        base_k_BxNxGxK, base_v_BxNxGxK, cache_k_BxPxNxSxGxK, cache_v_BxPxNxSxGxK = layer_state
+        extras: ThoughtExtras = inputs.extras
+        b, p, n, s, g, k = cache_k_BxPxNxSxGxK.shape
+        dtype = q_BxTxHxK.dtype
+
+        def all_keys(base_BxNxGxK, cache_BxPxNxSxGxK, now_BxTxGxK):
+            base = jnp.broadcast_to(base_BxNxGxK[:, None], (b, p, n, g, k))
+            flat = [base, cache_BxPxNxSxGxK.reshape(b, p, n * s, g, k), now_BxTxGxK.reshape(b, p, n, g, k)]
+            return jnp.concatenate(flat, axis=2).astype(dtype).reshape(b * p, n * (s + 2), g, k)
+
+        index_N = jnp.arange(n)
+        base_mask_BxNxN = (index_N[:, None] >= index_N[None, :])[None] & extras.base_valid_BxN[:, None, :]
+        if self.sliding_window is not None:
+            distance = extras.base_positions_BxN[:, :, None] + extras.step - extras.base_positions_BxN[:, None, :]
+            base_mask_BxNxN &= distance < self.sliding_window
+        same_position_NxN = index_N[:, None] == index_N[None, :]
+        slot_S = jnp.arange(s)
+        cache_slot_S = (slot_S < extras.step - 1) & (
+            True if self.sliding_window is None else extras.step - (slot_S + 1) < self.sliding_window
+        )
+        cache_mask_NxNS = (same_position_NxN[:, :, None] & cache_slot_S).reshape(n, n * s)
+        mask_BxNxK = jnp.concatenate(
+            [base_mask_BxNxN, jnp.broadcast_to(cache_mask_NxNS, (b, n, n * s)), jnp.broadcast_to(same_position_NxN, (b, n, n))],
+            axis=-1,
+        )
+        mask_BPxNxK = jnp.repeat(mask_BxNxK, p, axis=0)
+        out = masked_attention(
+            q_BxTxHxK.reshape(b * p, n, *q_BxTxHxK.shape[2:]),
+            all_keys(base_k_BxNxGxK, cache_k_BxPxNxSxGxK, k_BxTxGxK),
+            all_keys(base_v_BxNxGxK, cache_v_BxPxNxSxGxK, v_BxTxGxK),
+            mask_BPxNxK,
+        )
+        return out.reshape(q_BxTxHxK.shape), (k_BxTxGxK, v_BxTxGxK)
+
+
+THOUGHT_ATTENTION = {"parallel": ThoughtAttention, "dense_mask": DenseThoughtAttention}
+
+# ------------------------------------------------------------------------------- params
+
+
+class MixingHead(nn.Module):
+    """w = MLP([h_base ; h_thought]): Linear(2D->D)+ReLU, Linear(D->D)+ReLU, Linear(D->1).
+
+    The last layer is zero-initialised, so w = 0 and training starts exactly at the base
+    model. w is used unsquashed, as in the official code.
+    """
+
+    hidden_size: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h_base_xD: jax.Array, h_thought_xD: jax.Array) -> jax.Array:
+        dense = lambda features, **kw: nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
+        x = jnp.concatenate([h_base_xD, h_thought_xD], axis=-1)
+        x = nn.relu(dense(self.hidden_size, kernel_init=nn.initializers.normal(0.02), name="in")(x))
+        x = nn.relu(dense(self.hidden_size, kernel_init=nn.initializers.normal(0.02), name="hidden")(x))
+        return dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(x)[..., 0]
+
+
+def mixing_head_module(config: ModelConfig) -> MixingHead:
+    return MixingHead(config.hidden_size, jnp.dtype(config.dtype), jnp.dtype(config.param_dtype))
+
+
+def init_quiet_star_params(
+    config: ModelConfig, qs: QuietStarConfig, lm_params: Params, init_embedding_D: jax.Array, rng: jax.Array
+) -> Params:
+    """Adds the mixing head and the start/end thought embeddings to an LM's params.
+
+    Both thought embeddings start at `init_embedding_D` (the official code uses the
+    embedding of "---") and are *stored* divided by `embedding_scale` and used multiplied
+    by it, which scales their gradient (and, under Adam, their effective step) by it.
+    """
+    d = config.hidden_size
+    mixing = mixing_head_module(config).init(rng, jnp.zeros((1, d)), jnp.zeros((1, d)))["params"]
+    stored_D = (init_embedding_D / qs.embedding_scale).astype(jnp.dtype(config.param_dtype))
+    # Two buffers, not one shared array: a donated train state must not alias itself.
+    return {"lm": lm_params, "mixing_head": mixing, "thought": {"start": stored_D, "end": jnp.copy(stored_D)}}
+
+
+# ------------------------------------------------------------------------------ rollout
+
+
+class Rollout(NamedTuple):
+    """Per-position quantities of one Quiet-STaR forward pass (what the loss is made of)."""
+
+    base_logp_BxN: jax.Array  # log p_base(x_{j+1} | x_<=j)
+    target_valid_CxBxN: jax.Array  # talk target x_{j+1+c} exists and is real (and x_j is)
+    sampled_SxBxPxN: jax.Array  # sampled thought tokens (S = n_ahead - 3)
+    sample_logp_SxBxPxN: jax.Array  # log softmax(logits / reinforce_temperature)[sampled]
+    talk_logp_CxBxPxN: jax.Array  # log p_mix(x_{j+1+c}) after the thought
+    mixing_weight_CxBxPxN: jax.Array  # w of the mixing head at talk step c
+
+
+def _shift_left(x_BxN: jax.Array, shift: int, fill) -> jax.Array:
+    """x[:, j + shift] at j, `fill` past the end."""
+    if shift == 0:
+        return x_BxN
+    pad = jnp.full((x_BxN.shape[0], shift) + x_BxN.shape[2:], fill, x_BxN.dtype)
+    return jnp.concatenate([x_BxN[:, shift:], pad], axis=1)
+
+
+def _token_logp(logits_xV: jax.Array, tokens_x: jax.Array) -> jax.Array:
+    logp_xV = jax.nn.log_softmax(logits_xV, axis=-1)
+    return jnp.take_along_axis(logp_xV, tokens_x[..., None], axis=-1)[..., 0]
+
+
+def mask_thought_tokens(logits_xV: jax.Array, qs: QuietStarConfig) -> jax.Array:
+    """Start/end tokens are never sampled (they are placed, not predicted)."""
+    ids = jnp.asarray([qs.start_token_id, qs.end_token_id])
+    return logits_xV.at[..., ids].set(MASKED_SCORE)
+
+
+def check_thought_ids(config: ModelConfig, qs: QuietStarConfig) -> None:
+    ids = (qs.start_token_id, qs.end_token_id)
+    if not all(0 <= i < config.vocab_size for i in ids) or ids[0] == ids[1]:
+        raise UserError(
+            f"start/end thought token ids {ids} must be two distinct ids in [0, {config.vocab_size}); "
+            "add the thought tokens to the tokenizer and grow the vocab first"
+        )
+
+
+def sample_thought_tokens(logits_xV: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+    """Gumbel-max sampling from softmax(logits / temperature); noise is indexed like logits."""
+    noise_xV = jax.random.gumbel(key, logits_xV.shape)
+    return jnp.argmax(logits_xV / temperature + noise_xV, axis=-1)
+
+
+def talk_targets(tokens_BxN: jax.Array, valid_BxN: jax.Array, n_talk: int) -> tuple[jax.Array, jax.Array]:
+    """Targets x_{j+1+c} (CxBxN) and whether each exists, is real, and follows a real x_j."""
+    targets = jnp.stack([_shift_left(tokens_BxN, c + 1, 0) for c in range(n_talk)])
+    valid = jnp.stack([_shift_left(valid_BxN, c + 1, False) & valid_BxN for c in range(n_talk)])
+    return targets, valid
+
+
+def rollout(
+    config: ModelConfig,
+    qs: QuietStarConfig,
+    params: Params,
+    tokens_BxN: jax.Array,
+    valid_BxN: jax.Array,
+    rng: jax.Array,
+    forced_thoughts_SxBxPxN: jax.Array | None = None,
+) -> Rollout:
+    """Thinks at every position (n_passes thoughts each) and talks; all in parallel.
+
+    With `forced_thoughts_SxBxPxN` the given thought tokens are fed instead of sampled
+    (their log-probs are still computed): scoring fixed thoughts, and isolation tests.
+    """
+    chex.assert_rank(tokens_BxN, 2)
+    chex.assert_equal_shape([tokens_BxN, valid_BxN])
+    check_thought_ids(config, qs)
+    b, n = tokens_BxN.shape
+    p, c_talk, s_total = qs.n_passes, qs.n_ahead_talk, qs.n_steps
+    lm = {"params": params["lm"]}
+    dtype = jnp.dtype(config.dtype)
+    embed = lambda tokens: Transformer(config).apply(lm, tokens, method=Transformer.embed)
+    lm_logits = lambda h: Transformer(config).apply(lm, h, method=Transformer.logits)
+    mixing_head = mixing_head_module(config)
+
+    # Step 0: the base pass, keeping every layer's keys and values.
+    positions_BxN = positions_from_valid(valid_BxN)
+    base_model = Transformer(config, CausalAttention(config.sliding_window, return_kv=True))
+    base_logits_BxNxV, h_base_BxNxD, (base_k, base_v) = base_model.apply(
+        lm, tokens_BxN, AttentionInputs(positions_BxN, valid_BxN)
+    )
+    targets_CxBxN, target_valid_CxBxN = talk_targets(tokens_BxN, valid_BxN, c_talk)
+    base_logp_BxN = _token_logp(base_logits_BxNxV, targets_CxBxN[0])
+
+    thought_model = Transformer(config, THOUGHT_ATTENTION[qs.attention_impl](config.sliding_window))
+    cache_shape = (config.num_layers, b, p, n, s_total, config.num_kv_heads, config.head_dim)
+    cache = (jnp.zeros(cache_shape, base_k.dtype), jnp.zeros(cache_shape, base_v.dtype))
+    positions_BxT = jnp.tile(positions_BxN, (1, p))
+    tile = lambda x_BxNxD: jnp.tile(x_BxNxD, (1, p, 1))
+
+    def think(x_BxTxD, step, cache):
+        """Feeds one token per (pass, position); returns hidden states and the extended cache."""
+        inputs = AttentionInputs(positions_BxT + step, ThoughtExtras(step, positions_BxN, valid_BxN))
+        h_BxTxD, (k_LxBxTxGxK, v_LxBxTxGxK) = thought_model.apply(
+            lm, x_BxTxD, inputs, (base_k, base_v) + cache, method=Transformer.transform
+        )
+
+        def write(cache_LxBxPxNxSxGxK, new_LxBxTxGxK):
+            new = new_LxBxTxGxK.reshape(cache_shape[:4] + (1,) + cache_shape[5:])
+            return jax.lax.dynamic_update_slice_in_dim(cache_LxBxPxNxSxGxK, new.astype(cache_LxBxPxNxSxGxK.dtype), step - 1, axis=4)
+
+        return h_BxTxD, (write(cache[0], k_LxBxTxGxK), write(cache[1], v_LxBxTxGxK))
+
+    maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
+
+    # Thought steps 1..n_ahead-3: feed start / previous sample, sample the next token.
+    @maybe_remat
+    def sample_step(carry, xs):
+        step, forced_BxT = xs
+        x_BxTxD, cache = carry
+        h_BxTxD, cache = think(x_BxTxD, step, cache)
+        logits_BxTxV = mask_thought_tokens(lm_logits(h_BxTxD), qs)
+        if forced_BxT is None:
+            sampled_BxT = sample_thought_tokens(logits_BxTxV, jax.random.fold_in(rng, step), qs.thought_temperature)
+        else:
+            sampled_BxT = forced_BxT
+        sample_logp_BxT = _token_logp(logits_BxTxV / qs.reinforce_temperature, sampled_BxT)
+        return (embed(sampled_BxT), cache), (sampled_BxT, sample_logp_BxT)
+
+    thought = params["thought"]
+    start_D = (thought["start"] * qs.embedding_scale).astype(dtype)
+    end_D = (thought["end"] * qs.embedding_scale).astype(dtype)
+    x_BxTxD = jnp.broadcast_to(start_D, (b, p * n, config.hidden_size))
+    forced_SxBxT = None
+    if forced_thoughts_SxBxPxN is not None:
+        chex.assert_shape(forced_thoughts_SxBxPxN, (qs.n_sampled, b, p, n))
+        forced_SxBxT = forced_thoughts_SxBxPxN.reshape(qs.n_sampled, b, p * n)
+    (x_BxTxD, cache), (sampled_SxBxT, sample_logp_SxBxT) = jax.lax.scan(
+        sample_step, (x_BxTxD, cache), (jnp.arange(1, qs.n_ahead - 2, dtype=jnp.int32), forced_SxBxT)
+    )
+    # Step n_ahead-2 feeds the last sampled token (or the start token if none are sampled);
+    # its output predicts nothing, so it skips the LM head.
+    _, cache = maybe_remat(think)(x_BxTxD, jnp.int32(qs.n_ahead - 2), cache)
+
+    # Talk steps: feed end, then x_{j+1}..x_{j+C-1}; mix with the base hidden at j+c.
+    talk_inputs_CxBxTxD = jnp.stack(
+        [jnp.broadcast_to(end_D, (b, p * n, config.hidden_size))]
+        + [tile(embed(targets_CxBxN[c])) for c in range(c_talk - 1)]
+    )
+    h_base_CxBxTxD = jnp.stack([tile(_shift_left(h_base_BxNxD, c, 0)) for c in range(c_talk)])
+    targets_CxBxT = jnp.tile(targets_CxBxN, (1, 1, p))
+
+    @maybe_remat
+    def talk_step(cache, xs):
+        step, x_BxTxD, h_base_BxTxD, target_BxT = xs
+        h_thought_BxTxD, cache = think(x_BxTxD, step, cache)
+        w_BxT = mixing_head.apply({"params": params["mixing_head"]}, h_base_BxTxD, h_thought_BxTxD)
+        w_BxTx1 = w_BxT[..., None].astype(h_base_BxTxD.dtype)
+        h_mix_BxTxD = (1 - w_BxTx1) * h_base_BxTxD + w_BxTx1 * h_thought_BxTxD
+        return cache, (_token_logp(lm_logits(h_mix_BxTxD), target_BxT), w_BxT.astype(jnp.float32))
+
+    talk_steps_C = jnp.arange(qs.n_ahead - 1, qs.n_ahead - 1 + c_talk, dtype=jnp.int32)
+    _, (talk_logp_CxBxT, w_CxBxT) = jax.lax.scan(
+        talk_step, cache, (talk_steps_C, talk_inputs_CxBxTxD, h_base_CxBxTxD, targets_CxBxT)
+    )
+    per_pass = lambda x_xBxT: x_xBxT.reshape(x_xBxT.shape[:2] + (p, n))
+    return Rollout(
+        base_logp_BxN=base_logp_BxN,
+        target_valid_CxBxN=target_valid_CxBxN,
+        sampled_SxBxPxN=per_pass(sampled_SxBxT),
+        sample_logp_SxBxPxN=per_pass(sample_logp_SxBxT),
+        talk_logp_CxBxPxN=per_pass(talk_logp_CxBxT),
+        mixing_weight_CxBxPxN=per_pass(w_CxBxT),
+    )
+
+
+# --------------------------------------------------------------------------------- learn
+
+
+class LossTerms(NamedTuple):
+    loss: jax.Array
+    nll_base: jax.Array
+    nll_talk: jax.Array
+    policy_loss: jax.Array
+    talk_gain: jax.Array  # mean log p_mix - log p_base over real talk targets (0 at init)
+    reward_BxPxN: jax.Array  # after the baseline and clipping; 0 where not eligible
+    eligible_BxN: jax.Array  # positions whose whole talk horizon is real text
+
+
+def _masked_mean(x, mask):
+    mask = jnp.broadcast_to(mask, x.shape)
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
+    """The Quiet-STaR objective from per-position quantities.
+
+    reward(b, p, j) = sum_c [log p_mix,c(x_{j+1+c}) - log p_base(x_{j+1+c})], minus its
+    mean over the n_passes sibling thoughts, clipped at 0 if configured; REINFORCE on the
+    sampled thought tokens' log-probs; NLL of the base and of the talk predictions.
+    """
+    valid_CxBxN = r.target_valid_CxBxN
+    n_talk = valid_CxBxN.shape[0]
+    base_logp_CxBxN = jnp.stack([_shift_left(r.base_logp_BxN, c, 0.0) for c in range(n_talk)])
+    gain_CxBxPxN = jnp.where(valid_CxBxN[:, :, None], r.talk_logp_CxBxPxN - base_logp_CxBxN[:, :, None], 0.0)
+    raw_reward_BxPxN = gain_CxBxPxN.sum(axis=0)
+    reward_BxPxN = raw_reward_BxPxN - raw_reward_BxPxN.mean(axis=1, keepdims=True)
+    if qs.clip_negative_rewards:
+        reward_BxPxN = jnp.maximum(reward_BxPxN, 0.0)
+    eligible_BxN = jnp.all(valid_CxBxN, axis=0)
+    reward_BxPxN = jax.lax.stop_gradient(jnp.where(eligible_BxN[:, None], reward_BxPxN, 0.0))
+
+    if r.sample_logp_SxBxPxN.shape[0]:
+        thought_logp_BxPxN = r.sample_logp_SxBxPxN.mean(axis=0)
+        policy_loss = qs.policy_loss_weight * _masked_mean(-reward_BxPxN * thought_logp_BxPxN, eligible_BxN[:, None])
+    else:
+        policy_loss = jnp.zeros((), jnp.float32)
+    nll_base = _masked_mean(-r.base_logp_BxN, valid_CxBxN[0])
+    nll_talk = jnp.mean(
+        jnp.stack([_masked_mean(-r.talk_logp_CxBxPxN[c], valid_CxBxN[c][:, None]) for c in range(n_talk)])
+    )
+    loss = qs.base_loss_weight * nll_base + (1 - qs.base_loss_weight) * nll_talk + policy_loss
+    talk_gain = _masked_mean(gain_CxBxPxN, valid_CxBxN[:, :, None])
+    return LossTerms(loss, nll_base, nll_talk, policy_loss, talk_gain, reward_BxPxN, eligible_BxN)
+
+
+def quiet_star_loss(
+    config: ModelConfig,
+    qs: QuietStarConfig,
+    params: Params,
+    tokens_BxN: jax.Array,
+    valid_BxN: jax.Array,
+    rng: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss and metrics; differentiable in `params`."""
+    r = rollout(config, qs, params, tokens_BxN, valid_BxN, rng)
+    terms = loss_terms(qs, r)
+    eligible = terms.eligible_BxN[:, None]
+    metrics = {
+        "loss": terms.loss,
+        "nll_base": terms.nll_base,
+        "nll_talk": terms.nll_talk,
+        "policy_loss": terms.policy_loss,
+        "reward": _masked_mean(terms.reward_BxPxN, eligible),
+        "mixing_weight": _masked_mean(r.mixing_weight_CxBxPxN, r.target_valid_CxBxN[:, :, None]),
+        "talk_gain": terms.talk_gain,
+    }
+    return terms.loss, metrics

@@ -1,0 +1,127 @@
+"""The optimizer and the jitted Quiet-STaR train step (loss, grads, accumulation, update).
+
+`train_step` is one pure function of (state, batch); `make_train_step` jits it with the
+state donated, so parameters and optimizer state are updated in place on device.
+Gradient accumulation runs inside the step as a `lax.scan` over micro-batches, so the
+optimizer sees the mean gradient of the whole global batch in one update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.model import Params
+from qstar_jax.quiet_star import quiet_star_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup; defaults are the official Quiet-STaR run's."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.001
+    grad_clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"  # after warmup: "constant", "linear" or "cosine" decay to 0
+    total_steps: int = 100
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    after = {
+        "constant": optax.constant_schedule(cfg.learning_rate),
+        "linear": optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(cfg.learning_rate, decay_steps),
+    }[cfg.schedule]
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+DECAYED_PARAM_NAMES = ("kernel", "embedding")
+
+
+def decay_mask(params: Params) -> Any:
+    """Weight decay on weight matrices only: not on biases, norm scales or thought embeddings.
+
+    Decided by name, not rank: scanned layer params carry a leading layer axis, so a
+    stacked bias or norm scale is 2-D too.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED_PARAM_NAMES, params)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.adamw(
+            learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def init_train_state(params: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+
+def train_step(
+    state: TrainState,
+    tokens_AxBxN: jax.Array,
+    valid_AxBxN: jax.Array,
+    *,
+    model_config: ModelConfig,
+    qs: QuietStarConfig,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from A accumulated micro-batches of B sequences of N tokens."""
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(
+        lambda p, t, v, r: quiet_star_loss(model_config, qs, p, t, v, r), has_aux=True
+    )
+
+    def micro(carry, xs):
+        grads_sum, metrics_sum = carry
+        index, tokens_BxN, valid_BxN = xs
+        (_, metrics), grads = grad_fn(state.params, tokens_BxN, valid_BxN, jax.random.fold_in(step_rng, index))
+        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+    accum = tokens_AxBxN.shape[0]
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    zero_metrics = jax.eval_shape(
+        lambda: grad_fn(state.params, tokens_AxBxN[0], valid_AxBxN[0], step_rng)[0][1]
+    )
+    zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
+    (grads, metrics), _ = jax.lax.scan(
+        micro, (zero_grads, zero_metrics), (jnp.arange(accum), tokens_AxBxN, valid_AxBxN)
+    )
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = jax.tree.map(lambda m: m / accum, metrics)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+    return new_state, metrics
+
+
+def make_train_step(model_config: ModelConfig, qs: QuietStarConfig, optimizer: optax.GradientTransformation, **jit_kwargs):
+    """`train_step` bound to its configs, jitted with the state donated."""
+    step = functools.partial(train_step, model_config=model_config, qs=qs, optimizer=optimizer)
+    return jax.jit(step, donate_argnums=(0,), **jit_kwargs)

@@ -1,0 +1,192 @@
+"""Quiet-STaR core: parallel == literal definition, isolation, init, gradient scale."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quiet_star_reference import reference_rollout
+from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.model import init_params
+from qstar_jax.quiet_star import init_quiet_star_params, loss_terms, quiet_star_loss, rollout
+
+VOCAB = 50
+QS = QuietStarConfig(n_ahead=6, n_ahead_talk=3, n_passes=2, start_token_id=VOCAB - 2, end_token_id=VOCAB - 1)
+CONFIGS = {
+    "llama": ModelConfig("llama", VOCAB, 32, 64, 2, 4, 2, 8),
+    # A window shorter than prefix + thought, so thought tokens lose early base keys.
+    "mistral_window": ModelConfig("mistral", VOCAB, 32, 64, 2, 4, 2, 8, sliding_window=6),
+    "qwen2_tied": ModelConfig("qwen2", VOCAB, 32, 64, 2, 4, 1, 8, qkv_bias=True, tie_word_embeddings=True),
+}
+jit_rollout = jax.jit(rollout, static_argnums=(0, 1))
+
+
+def make_params(config, qs=QS, seed=0, trained_head=True):
+    lm = init_params(config, jax.random.key(seed))
+    params = init_quiet_star_params(config, qs, lm, lm["embed_tokens"]["embedding"][3], jax.random.key(seed + 1))
+    if trained_head:  # a non-zero last layer, as after training, so thoughts matter
+        out = params["mixing_head"]["out"]["kernel"]
+        params["mixing_head"]["out"]["kernel"] = 0.5 * jax.random.normal(jax.random.key(seed + 2), out.shape)
+    return params
+
+
+def make_batch(b=2, n=9, seed=0):
+    tokens = jax.random.randint(jax.random.key(seed), (b, n), 0, VOCAB - 2)
+    valid = jnp.ones((b, n), bool).at[1, :3].set(False)  # left padding in row 1
+    valid = valid.at[0, -2:].set(False)  # right padding in row 0
+    return tokens, valid
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("attention_impl", ["parallel", "dense_mask"])
+def test_parallel_equals_literal_definition(name, attention_impl):
+    # Unit policy weight: the official 1e6 would amplify float32 summation-order noise
+    # (~1e-6 in log-probs) a millionfold; every ingredient is compared at 1e-5 either way.
+    config, qs = CONFIGS[name], QS.replace(attention_impl=attention_impl, policy_loss_weight=1.0)
+    params = make_params(config, qs)
+    tokens, valid = make_batch()
+    rng = jax.random.key(7)
+    fast = jit_rollout(config, qs, params, tokens, valid, rng)
+    slow = reference_rollout(config, qs, params, tokens, valid, rng)
+    np.testing.assert_array_equal(fast.sampled_SxBxPxN, slow.sampled_SxBxPxN)
+    real_BxPxN = np.asarray(valid)[:, None, :]  # thoughts at padding are never used
+    for field in ("sample_logp_SxBxPxN", "talk_logp_CxBxPxN", "mixing_weight_CxBxPxN"):
+        a, b = np.asarray(getattr(fast, field)), np.asarray(getattr(slow, field))
+        np.testing.assert_allclose(np.where(real_BxPxN, a, 0), np.where(real_BxPxN, b, 0), atol=1e-5, err_msg=field)
+    np.testing.assert_allclose(fast.base_logp_BxN, slow.base_logp_BxN, atol=1e-5)
+    fast_terms, slow_terms = loss_terms(qs, fast), loss_terms(qs, jax.tree.map(jnp.asarray, slow))
+    np.testing.assert_allclose(fast_terms.reward_BxPxN, slow_terms.reward_BxPxN, atol=1e-5)
+    np.testing.assert_allclose(fast_terms.loss, slow_terms.loss, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(fast_terms.reward_BxPxN).max()) > 0  # rewards are really compared
+    assert len(np.unique(np.asarray(fast.sampled_SxBxPxN))) > 5  # thoughts are really sampled
+
+
+def test_thoughts_of_one_position_affect_only_that_position():
+    config = CONFIGS["mistral_window"]
+    params = make_params(config)
+    tokens, valid = make_batch(n=10)
+    valid = jnp.ones_like(valid)
+    rng = jax.random.key(3)
+    thoughts = jit_rollout(config, QS, params, tokens, valid, rng).sampled_SxBxPxN
+    j = 4
+    changed = thoughts.at[:, 0, 1, j].set((thoughts[:, 0, 1, j] + 7) % (VOCAB - 2))
+    a = jit_rollout(config, QS, params, tokens, valid, rng, thoughts)
+    b = jit_rollout(config, QS, params, tokens, valid, rng, changed)
+    for field in ("talk_logp_CxBxPxN", "mixing_weight_CxBxPxN", "sample_logp_SxBxPxN"):
+        diff = np.abs(np.asarray(getattr(a, field)) - np.asarray(getattr(b, field)))
+        assert diff[..., 0, 1, j].max() > 1e-4, field  # the changed thought matters...
+        diff[..., 0, 1, j] = 0
+        assert diff.max() == 0.0, field  # ...and nothing else moves, not even by rounding
+
+
+def test_future_tokens_do_not_affect_earlier_positions():
+    config = CONFIGS["llama"]
+    params = make_params(config)
+    tokens, valid = make_batch(n=12)
+    valid = jnp.ones_like(valid)
+    j = 3
+    m = j + QS.n_ahead_talk + 1  # first token position j's terms must not see
+    changed = tokens.at[:, m:].set((tokens[:, m:] + 5) % (VOCAB - 2))
+    rng = jax.random.key(4)
+    a, b = (jit_rollout(config, QS, params, t, valid, rng) for t in (tokens, changed))
+    ta, tb = loss_terms(QS, a), loss_terms(QS, b)
+    for x, y in [(a.sampled_SxBxPxN, b.sampled_SxBxPxN), (a.sample_logp_SxBxPxN, b.sample_logp_SxBxPxN),
+                 (a.talk_logp_CxBxPxN, b.talk_logp_CxBxPxN), (ta.reward_BxPxN, tb.reward_BxPxN)]:
+        np.testing.assert_allclose(np.asarray(x)[..., : j + 1], np.asarray(y)[..., : j + 1], atol=1e-6)
+    assert np.abs(np.asarray(a.talk_logp_CxBxPxN) - np.asarray(b.talk_logp_CxBxPxN))[..., m - 1 :].max() > 1e-4
+
+
+def test_at_init_mixed_prediction_is_base_and_policy_loss_is_zero():
+    config = CONFIGS["llama"]
+    params = make_params(config, trained_head=False)
+    tokens, valid = make_batch()
+    r = jit_rollout(config, QS, params, tokens, valid, jax.random.key(0))
+    assert float(jnp.abs(r.mixing_weight_CxBxPxN).max()) == 0.0
+    for c in range(QS.n_ahead_talk):
+        base_shifted = np.asarray(r.base_logp_BxN)[:, c:]
+        talk = np.asarray(r.talk_logp_CxBxPxN)[c][:, :, : base_shifted.shape[1]]
+        np.testing.assert_array_equal(talk, np.broadcast_to(base_shifted[:, None], talk.shape))
+    terms = loss_terms(QS, r)
+    assert float(terms.policy_loss) == 0.0 and float(terms.talk_gain) == 0.0
+
+
+def test_loss_terms_match_hand_computation():
+    """Two passes, one position with a complete talk horizon: check every formula by hand."""
+    qs = QuietStarConfig(n_ahead=4, n_ahead_talk=2, n_passes=2, start_token_id=0, end_token_id=1,
+                         policy_loss_weight=10.0, base_loss_weight=0.25)
+    from qstar_jax.quiet_star import Rollout
+
+    base = jnp.array([[-1.0, -2.0, -3.0]])  # B=1, N=3
+    valid_c = jnp.array([[[True, True, False]], [[True, False, False]]])  # C=2: only j=0 complete
+    talk = jnp.array([[[[-0.5, -1.0, 0.0], [-1.5, -3.0, 0.0]]], [[[-1.0, 0.0, 0.0], [-2.5, 0.0, 0.0]]]])
+    sample_logp = jnp.array([[[[-0.2, -0.4, -0.6], [-0.3, -0.5, -0.7]]]])
+    r = Rollout(base, valid_c, jnp.zeros((1, 1, 2, 3), jnp.int32), sample_logp, talk, jnp.zeros_like(talk))
+    t = loss_terms(qs, r)
+    # j=0 gains: pass0 (-0.5+1)+(-1+2)=1.5, pass1 (-1.5+1)+(-2.5+2)=-1.0; mean 0.25
+    np.testing.assert_allclose(t.reward_BxPxN[0, :, 0], [1.25, 0.0])
+    np.testing.assert_allclose(t.policy_loss, 10.0 * (-(1.25 * -0.2) - 0.0) / 2)
+    nll_base = (1.0 + 2.0) / 2
+    nll_talk = ((0.5 + 1.0 + 1.5 + 3.0) / 4 + (1.0 + 2.5) / 2) / 2
+    np.testing.assert_allclose(t.nll_base, nll_base)
+    np.testing.assert_allclose(t.nll_talk, nll_talk)
+    np.testing.assert_allclose(t.loss, 0.25 * nll_base + 0.75 * nll_talk + t.policy_loss, rtol=1e-6)
+
+
+def test_thought_embedding_gradient_is_scaled():
+    config = CONFIGS["llama"]
+    tokens, valid = make_batch()
+    grads = {}
+    for scale in (1.0, 100.0):
+        qs = QS.replace(embedding_scale=scale)
+        params = make_params(config, qs)
+        loss = lambda p: quiet_star_loss(config, qs, p, tokens, valid, jax.random.key(5))[0]
+        grads[scale] = jax.grad(loss)(params)["thought"]
+    assert float(jnp.abs(grads[1.0]["start"]).max()) > 0
+    for name in ("start", "end"):
+        np.testing.assert_allclose(grads[100.0][name], 100.0 * grads[1.0][name], rtol=2e-4, atol=1e-7)
+
+
+def test_bad_thought_ids_are_a_clear_error():
+    from qstar_jax.errors import UserError
+
+    config = CONFIGS["llama"]
+    params = make_params(config)
+    tokens, valid = make_batch()
+    with pytest.raises(UserError, match="thought token ids"):
+        rollout(config, QS.replace(start_token_id=-1), params, tokens, valid, jax.random.key(0))
+
+
+def test_training_on_a_fixed_batch_lowers_the_loss():
+    from qstar_jax.train_step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
+
+    config = CONFIGS["llama"]
+    # The official policy weight (1e6) is paired with lr 1e-6; at this test's lr 1e-3 a
+    # unit weight keeps the policy gradient from swamping the NLL gradient after clipping.
+    qs = QS.replace(n_ahead=5, n_ahead_talk=2, policy_loss_weight=1.0)
+    params = make_params(config, qs, trained_head=False)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=2, total_steps=30))
+    state = init_train_state(params, optimizer, jax.random.key(0))
+    step = make_train_step(config, qs, optimizer)
+    tokens, valid = make_batch(b=4, n=12)
+    tokens_AxBxN, valid_AxBxN = tokens.reshape(2, 2, 12), valid.reshape(2, 2, 12)  # 2 micro-batches
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, tokens_AxBxN, valid_AxBxN)
+        losses.append(float(metrics["loss"]))
+        assert np.isfinite(losses[-1])
+    assert int(state.step) == 30
+    assert losses[-1] < 0.8 * losses[0]
+    assert float(jnp.abs(state.params["mixing_head"]["out"]["kernel"]).max()) > 0  # the head learned
+    assert float(jnp.abs(state.params["thought"]["start"] - params["thought"]["start"]).max()) > 0
+
+
+def test_decay_mask_selects_weight_matrices_only():
+    from qstar_jax.train_step import decay_mask
+
+    params = make_params(CONFIGS["qwen2_tied"])
+    mask = decay_mask(params)
+    assert mask["lm"]["layers"]["q_proj"]["kernel"] and mask["lm"]["embed_tokens"]["embedding"]
+    assert not mask["lm"]["layers"]["q_proj"]["bias"] and not mask["lm"]["layers"]["attn_norm"]["scale"]
+    assert not mask["thought"]["start"] and mask["mixing_head"]["out"]["kernel"]
