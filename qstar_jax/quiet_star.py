@@ -21,6 +21,7 @@ queries per row, S thought steps, C the number of talk steps (n_ahead_talk).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -242,10 +243,57 @@ def check_thought_ids(config: ModelConfig, qs: QuietStarConfig) -> None:
         )
 
 
-def sample_thought_tokens(logits_xV: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    """Gumbel-max sampling from softmax(logits / temperature); noise is indexed like logits."""
-    noise_xV = jax.random.gumbel(key, logits_xV.shape)
-    return jnp.argmax(logits_xV / temperature + noise_xV, axis=-1)
+def sample_thought_tokens(logits_RxV: jax.Array, uniform_R: jax.Array, temperature: float) -> jax.Array:
+    """Samples from softmax(logits / temperature) by inverting the CDF at `uniform_R`.
+
+    One uniform per row instead of V Gumbel draws: on CPU, drawing a RxV Gumbel array
+    costs ~10x the LM-head matmul at V=32k. The CDF is inverted in two levels (blocks
+    of ~sqrt(V) ids, then ids inside the chosen block) so no length-V cumsum is needed.
+    """
+    r, v = logits_RxV.shape
+    block = math.isqrt(v - 1) + 1
+    n_blocks = -(-v // block)
+    scaled_RxV = logits_RxV.astype(jnp.float32) / temperature
+    scaled_RxV = jnp.pad(scaled_RxV, ((0, 0), (0, n_blocks * block - v)), constant_values=-jnp.inf)
+    probs_RxBxK = jnp.exp(scaled_RxV - scaled_RxV.max(axis=-1, keepdims=True)).reshape(r, n_blocks, block)
+    block_cdf_RxB = jnp.cumsum(probs_RxBxK.sum(axis=-1), axis=-1)
+    target_R = uniform_R * block_cdf_RxB[:, -1]
+    chosen_R = jnp.minimum(jnp.sum(block_cdf_RxB < target_R[:, None], axis=-1), n_blocks - 1)
+    before_R = jnp.take_along_axis(block_cdf_RxB, jnp.maximum(chosen_R - 1, 0)[:, None], axis=-1)[:, 0]
+    before_R = jnp.where(chosen_R > 0, before_R, 0.0)
+    inside_RxK = jnp.take_along_axis(probs_RxBxK, chosen_R[:, None, None], axis=1)[:, 0]
+    inside_cdf_RxK = before_R[:, None] + jnp.cumsum(inside_RxK, axis=-1)
+    offset_R = jnp.minimum(jnp.sum(inside_cdf_RxK < target_R[:, None], axis=-1), block - 1)
+    return jnp.minimum(chosen_R * block + offset_R, v - 1).astype(jnp.int32)
+
+
+def thought_uniforms(rng: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The uniforms that pick thought step `step`'s tokens (shape-addressable for tests)."""
+    return jax.random.uniform(jax.random.fold_in(rng, step), shape)
+
+
+def rows_in_chunks(fn, chunk_rows: int, *arrays_BxTx):
+    """Applies `fn` to the B*T rows of `arrays` in checkpointed chunks of `chunk_rows`.
+
+    For functions that build RxV logits from hidden states: the forward pass holds one
+    chunk's logits at a time, and the backward pass recomputes them chunk by chunk rather
+    than keeping B*T*V floats alive. `chunk_rows <= 0` applies `fn` to all rows at once.
+    """
+    b, t = arrays_BxTx[0].shape[:2]
+    rows = b * t
+    flat = [a.reshape((rows,) + a.shape[2:]) for a in arrays_BxTx]
+    if chunk_rows <= 0 or rows <= chunk_rows:
+        out = fn(*flat)
+    else:
+        n_chunks = -(-rows // chunk_rows)
+        pad = n_chunks * chunk_rows - rows
+        chunked = [
+            jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((n_chunks, chunk_rows) + a.shape[1:])
+            for a in flat
+        ]
+        out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(chunked))
+        out = jax.tree.map(lambda x: x.reshape((n_chunks * chunk_rows,) + x.shape[2:])[:rows], out)
+    return jax.tree.map(lambda x: x.reshape((b, t) + x.shape[1:]), out)
 
 
 def talk_targets(tokens_BxN: jax.Array, valid_BxN: jax.Array, n_talk: int) -> tuple[jax.Array, jax.Array]:
@@ -280,14 +328,19 @@ def rollout(
     lm_logits = lambda h: Transformer(config).apply(lm, h, method=Transformer.logits)
     mixing_head = mixing_head_module(config)
 
+    chunk = qs.logits_chunk_rows
+
+    def target_logp(h_RxD, target_R):
+        return _token_logp(lm_logits(h_RxD), target_R)
+
     # Step 0: the base pass, keeping every layer's keys and values.
     positions_BxN = positions_from_valid(valid_BxN)
     base_model = Transformer(config, CausalAttention(config.sliding_window, return_kv=True))
-    base_logits_BxNxV, h_base_BxNxD, (base_k, base_v) = base_model.apply(
-        lm, tokens_BxN, AttentionInputs(positions_BxN, valid_BxN)
+    h_base_BxNxD, (base_k, base_v) = base_model.apply(
+        lm, embed(tokens_BxN), AttentionInputs(positions_BxN, valid_BxN), method=Transformer.transform
     )
     targets_CxBxN, target_valid_CxBxN = talk_targets(tokens_BxN, valid_BxN, c_talk)
-    base_logp_BxN = _token_logp(base_logits_BxNxV, targets_CxBxN[0])
+    base_logp_BxN = rows_in_chunks(target_logp, chunk, h_base_BxNxD, targets_CxBxN[0])
 
     thought_model = Transformer(config, THOUGHT_ATTENTION[qs.attention_impl](config.sliding_window))
     cache_shape = (config.num_layers, b, p, n, s_total, config.num_kv_heads, config.head_dim)
@@ -311,17 +364,22 @@ def rollout(
     maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
 
     # Thought steps 1..n_ahead-3: feed start / previous sample, sample the next token.
+    def sample_rows(h_RxD, uniform_R, forced_R=None):
+        logits_RxV = mask_thought_tokens(lm_logits(h_RxD), qs)
+        if forced_R is None:
+            sampled_R = sample_thought_tokens(jax.lax.stop_gradient(logits_RxV), uniform_R, qs.thought_temperature)
+        else:
+            sampled_R = forced_R
+        return sampled_R, _token_logp(logits_RxV / qs.reinforce_temperature, sampled_R)
+
     @maybe_remat
     def sample_step(carry, xs):
         step, forced_BxT = xs
         x_BxTxD, cache = carry
         h_BxTxD, cache = think(x_BxTxD, step, cache)
-        logits_BxTxV = mask_thought_tokens(lm_logits(h_BxTxD), qs)
-        if forced_BxT is None:
-            sampled_BxT = sample_thought_tokens(logits_BxTxV, jax.random.fold_in(rng, step), qs.thought_temperature)
-        else:
-            sampled_BxT = forced_BxT
-        sample_logp_BxT = _token_logp(logits_BxTxV / qs.reinforce_temperature, sampled_BxT)
+        uniform_BxT = thought_uniforms(rng, step, (b, p * n))
+        rows = (h_BxTxD, uniform_BxT) + (() if forced_BxT is None else (forced_BxT,))
+        sampled_BxT, sample_logp_BxT = rows_in_chunks(sample_rows, chunk, *rows)
         return (embed(sampled_BxT), cache), (sampled_BxT, sample_logp_BxT)
 
     thought = params["thought"]
@@ -354,7 +412,7 @@ def rollout(
         w_BxT = mixing_head.apply({"params": params["mixing_head"]}, h_base_BxTxD, h_thought_BxTxD)
         w_BxTx1 = w_BxT[..., None].astype(h_base_BxTxD.dtype)
         h_mix_BxTxD = (1 - w_BxTx1) * h_base_BxTxD + w_BxTx1 * h_thought_BxTxD
-        return cache, (_token_logp(lm_logits(h_mix_BxTxD), target_BxT), w_BxT.astype(jnp.float32))
+        return cache, (rows_in_chunks(target_logp, chunk, h_mix_BxTxD, target_BxT), w_BxT.astype(jnp.float32))
 
     talk_steps_C = jnp.arange(qs.n_ahead - 1, qs.n_ahead - 1 + c_talk, dtype=jnp.int32)
     _, (talk_logp_CxBxT, w_CxBxT) = jax.lax.scan(

@@ -22,6 +22,7 @@ from qstar_jax.quiet_star import (
     mixing_head_module,
     sample_thought_tokens,
     talk_targets,
+    thought_uniforms,
 )
 
 
@@ -77,10 +78,9 @@ def reference_rollout(config: ModelConfig, qs: QuietStarConfig, params, tokens_B
         h_RxD = feed(step, x_RxD)
         if step <= qs.n_sampled:
             logits = mask_thought_tokens(_apply(config, lm, Transformer.logits, jnp.asarray(h_RxD)), qs)
-            # Same Gumbel noise as the parallel path: it draws for a BxTxV array, T = P*N.
-            key = jax.random.fold_in(rng, step)
-            tok = sample_thought_tokens(logits.reshape(b, p * n, -1), key, qs.thought_temperature)
-            tok = np.asarray(tok).reshape(-1)
+            # The same uniforms as the parallel path: it draws a BxT array, T = P*N.
+            uniform_R = thought_uniforms(rng, jnp.int32(step), (b, p * n)).reshape(-1)
+            tok = np.asarray(sample_thought_tokens(logits, uniform_R, qs.thought_temperature))
             sampled.append(tok)
             sample_logp.append(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits / qs.reinforce_temperature)), tok[:, None], -1)[:, 0])
             x_RxD = embedding[tok]
