@@ -47,6 +47,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # Layers per iteration of the layer scan: 1 keeps compile time flat in depth; unrolling
+    # a shallow model removes the loop's per-layer slicing and stacking (faster on CPU).
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -109,7 +112,7 @@ class QuietStarConfig:
     start_token_id: int = -1  # ids of <|startofthought|> / <|endofthought|>: never sampled
     end_token_id: int = -1
     remat_steps: bool = True  # recompute each thought step in the backward pass
-    logits_chunk_rows: int = 1024  # LM-head rows per chunk (<= 0: all at once); bounds V-sized memory
+    logits_chunk_rows: int = 512  # LM-head rows per chunk (<= 0: all at once); bounds V-sized memory
     # "parallel": per-position thought attention, O(N * (N + S)) per step. "dense_mask": the
     # official algorithm (every query against every thought key under an N x N*S mask),
     # O(N^2 * S) per step; kept to measure the gain and as a cross-check in tests.

@@ -54,30 +54,23 @@ def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> 
     return x_BxTxHxK * cos_BxTx1xK + rotated_BxTxHxK * sin_BxTx1xK
 
 
-def group_queries(q_BxTxHxK: jax.Array, num_kv_heads: int) -> jax.Array:
-    """Splits query heads into (G KV heads) x (R queries per KV head) for grouped-query attention."""
-    b, t, h, k = q_BxTxHxK.shape
-    return q_BxTxHxK.reshape(b, t, num_kv_heads, h // num_kv_heads, k)
-
-
-def attention_scores(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array) -> jax.Array:
-    """Scaled dot-product scores in float32, shape BxTxGxRxS."""
-    q_BxTxGxRxK = group_queries(q_BxTxHxK, k_BxSxGxK.shape[2])
-    scale = q_BxTxHxK.shape[-1] ** -0.5
-    scores = jnp.einsum("btgrk,bsgk->btgrs", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
-    return scores * scale
-
-
 def masked_attention(
     q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_BxTxS: jax.Array
 ) -> jax.Array:
-    """Softmax attention where query t sees key s iff mask[b, t, s]."""
-    scores_BxTxGxRxS = attention_scores(q_BxTxHxK, k_BxSxGxK)
-    scores_BxTxGxRxS = jnp.where(mask_BxTxS[:, :, None, None, :], scores_BxTxGxRxS, MASKED_SCORE)
-    probs_BxTxGxRxS = jax.nn.softmax(scores_BxTxGxRxS, axis=-1).astype(v_BxSxGxK.dtype)
-    out_BxTxGxRxK = jnp.einsum("btgrs,bsgk->btgrk", probs_BxTxGxRxS, v_BxSxGxK)
-    b, t, g, r, k = out_BxTxGxRxK.shape
-    return out_BxTxGxRxK.reshape(b, t, g * r, k)
+    """Softmax attention where query t sees key s iff mask[b, t, s] (grouped-query heads).
+
+    Scores are laid out B x G x T x R x S so both matmuls are plain batched matmuls over
+    (B, G): on CPU the transposes XLA would otherwise insert around the T x S score
+    tensor cost more than the matmuls themselves.
+    """
+    b, t, h, k = q_BxTxHxK.shape
+    g = k_BxSxGxK.shape[2]
+    q_BxGxTxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k).transpose(0, 2, 1, 3, 4) * jnp.asarray(k**-0.5, q_BxTxHxK.dtype)
+    scores = jnp.einsum("bgtrk,bsgk->bgtrs", q_BxGxTxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BxTxS[:, None, :, None, :], scores, MASKED_SCORE)
+    probs_BxGxTxRxS = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
+    out_BxGxTxRxK = jnp.einsum("bgtrs,bsgk->bgtrk", probs_BxGxTxRxS, v_BxSxGxK)
+    return out_BxGxTxRxK.transpose(0, 2, 1, 3, 4).reshape(b, t, h, k)
 
 
 def window_mask(q_positions_BxT: jax.Array, kv_positions_BxS: jax.Array, window: int | None) -> jax.Array:
@@ -246,6 +239,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
+            unroll=cfg.scan_unroll,
         )(cfg, attention)
         self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
         if not cfg.tie_word_embeddings:

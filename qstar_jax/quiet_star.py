@@ -52,61 +52,76 @@ class ThoughtExtras(NamedTuple):
     base_valid_BxN: jax.Array
 
 
+def _to_groups(x_BxTxHxK: jax.Array, p: int, g: int) -> jax.Array:
+    """BxTxHxK with T = P*N and H = G*R -> BxGxPxNxRxK."""
+    b, t, h, k = x_BxTxHxK.shape
+    return x_BxTxHxK.reshape(b, p, t // p, g, h // g, k).transpose(0, 3, 1, 2, 4, 5)
+
+
+def _thought_masks(extras: ThoughtExtras, n: int, s: int, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """Which base keys (BxNxN, query x key) and which own-cache slots (S) a thought step sees.
+
+    Base keys: index-causal (key <= query position j), real tokens only, and inside the
+    sliding window of the thought token's own position (base position + step). Cache
+    slots: those of steps 1..step-1 (filled), inside the window.
+    """
+    index_N = jnp.arange(n)
+    base_mask_BxNxN = (index_N[None, :, None] >= index_N[None, None, :]) & extras.base_valid_BxN[:, None, :]
+    slot_S = jnp.arange(s)
+    cache_mask_S = slot_S < extras.step - 1
+    if window is not None:
+        q_pos_BxN = extras.base_positions_BxN + extras.step
+        base_mask_BxNxN &= q_pos_BxN[:, :, None] - extras.base_positions_BxN[:, None, :] < window
+        cache_mask_S &= extras.step - (slot_S + 1) < window
+    return base_mask_BxNxN, cache_mask_S
+
+
 @dataclasses.dataclass(frozen=True)
 class ThoughtAttention:
     """Attention of one thought step: base prefix (causal) + own earlier thought tokens.
 
-    `layer_state` = (base_k, base_v, cache_k, cache_v) with base_* BxNxGxK from the base
-    pass and cache_* BxPxNxSxGxK holding steps 1..step-1 of each position's own thought.
-    Returns this step's keys/values (BxTxGxK) so the caller can extend the cache.
+    `layer_state` = (base_k, base_v, cache_k, cache_v): base_* BxNxGxK from the base pass,
+    cache_* BxGxPxNxSxK holding steps 1..step-1 of each position's own thought. One
+    softmax spans the three key sets (base, cache, the token itself) without concatenating
+    them. Scores live in B x G x P x N x R x {N, S} layouts so the big matmul is a plain
+    batched matmul over (B, G). Returns this step's keys/values (BxGxPxNxK) for the cache.
     """
 
     sliding_window: int | None = None
 
     def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
-        base_k_BxNxGxK, base_v_BxNxGxK, cache_k_BxPxNxSxGxK, cache_v_BxPxNxSxGxK = layer_state
-        extras: ThoughtExtras = inputs.extras
-        b, p, n, s, g, k = cache_k_BxPxNxSxGxK.shape
+        base_k_BxNxGxK, base_v_BxNxGxK, cache_k_BxGxPxNxSxK, cache_v_BxGxPxNxSxK = layer_state
+        b, g, p, n, s, k = cache_k_BxGxPxNxSxK.shape
         h = q_BxTxHxK.shape[2]
-        r = h // g
         dtype = q_BxTxHxK.dtype
-        q_BxPxNxGxRxK = q_BxTxHxK.reshape(b, p, n, g, r, k) * jnp.asarray(k**-0.5, dtype)
-        k_now_BxPxNxGxK = k_BxTxGxK.reshape(b, p, n, g, k)
-        v_now_BxPxNxGxK = v_BxTxGxK.reshape(b, p, n, g, k)
+        q_BxGxPxNxRxK = _to_groups(q_BxTxHxK, p, g) * jnp.asarray(k**-0.5, dtype)
+        k_now_BxGxPxNxK = _to_groups(k_BxTxGxK, p, g)[:, :, :, :, 0]
+        v_now_BxGxPxNxK = _to_groups(v_BxTxGxK, p, g)[:, :, :, :, 0]
+        base_mask_BxNxN, cache_mask_S = _thought_masks(inputs.extras, n, s, self.sliding_window)
         f32 = jnp.float32
 
         base_scores = jnp.einsum(
-            "bpngrk,bsgk->bpngrs", q_BxPxNxGxRxK, base_k_BxNxGxK.astype(dtype), preferred_element_type=f32
+            "bgpnrk,bsgk->bgpnrs", q_BxGxPxNxRxK, base_k_BxNxGxK.astype(dtype), preferred_element_type=f32
         )
+        base_scores = jnp.where(base_mask_BxNxN[:, None, None, :, None, :], base_scores, MASKED_SCORE)
         cache_scores = jnp.einsum(
-            "bpngrk,bpnsgk->bpngrs", q_BxPxNxGxRxK, cache_k_BxPxNxSxGxK.astype(dtype), preferred_element_type=f32
+            "bgpnrk,bgpnsk->bgpnrs", q_BxGxPxNxRxK, cache_k_BxGxPxNxSxK.astype(dtype), preferred_element_type=f32
         )
-        own_score = jnp.einsum("bpngrk,bpngk->bpngr", q_BxPxNxGxRxK, k_now_BxPxNxGxK, preferred_element_type=f32)
-
-        # Base keys: index-causal (s <= n), real tokens only, inside the window of the
-        # thought token's own position (base position + step).
-        index_N = jnp.arange(n)
-        base_mask_BxNxN = (index_N[None, :, None] >= index_N[None, None, :]) & extras.base_valid_BxN[:, None, :]
-        if self.sliding_window is not None:
-            q_pos_BxN = extras.base_positions_BxN + extras.step
-            distance_BxNxN = q_pos_BxN[:, :, None] - extras.base_positions_BxN[:, None, :]
-            base_mask_BxNxN &= distance_BxNxN < self.sliding_window
-        slot_S = jnp.arange(s)
-        cache_mask_S = slot_S < extras.step - 1  # slots of steps 1..step-1 are filled
-        if self.sliding_window is not None:
-            cache_mask_S &= extras.step - (slot_S + 1) < self.sliding_window
-
-        base_scores = jnp.where(base_mask_BxNxN[:, None, :, None, None, :], base_scores, MASKED_SCORE)
         cache_scores = jnp.where(cache_mask_S, cache_scores, MASKED_SCORE)
-        scores = jnp.concatenate([base_scores, cache_scores, own_score[..., None]], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        base_probs, cache_probs, own_prob = jnp.split(probs, [n, n + s], axis=-1)
-        out_BxPxNxGxRxK = (
-            jnp.einsum("bpngrs,bsgk->bpngrk", base_probs, base_v_BxNxGxK.astype(dtype))
-            + jnp.einsum("bpngrs,bpnsgk->bpngrk", cache_probs, cache_v_BxPxNxSxGxK.astype(dtype))
-            + own_prob * v_now_BxPxNxGxK[:, :, :, :, None, :]
-        )
-        return out_BxPxNxGxRxK.reshape(b, p * n, h, k), (k_BxTxGxK, v_BxTxGxK)
+        own_score = jnp.einsum("bgpnrk,bgpnk->bgpnr", q_BxGxPxNxRxK, k_now_BxGxPxNxK, preferred_element_type=f32)
+
+        top = jnp.maximum(jnp.maximum(base_scores.max(-1), cache_scores.max(-1)), own_score)
+        base_w = jnp.exp(base_scores - top[..., None])
+        cache_w = jnp.exp(cache_scores - top[..., None])
+        own_w = jnp.exp(own_score - top)
+        total = base_w.sum(-1) + cache_w.sum(-1) + own_w
+        out_BxGxPxNxRxK = (
+            jnp.einsum("bgpnrs,bsgk->bgpnrk", base_w.astype(dtype), base_v_BxNxGxK.astype(dtype))
+            + jnp.einsum("bgpnrs,bgpnsk->bgpnrk", cache_w.astype(dtype), cache_v_BxGxPxNxSxK.astype(dtype))
+            + own_w[..., None].astype(dtype) * v_now_BxGxPxNxK[:, :, :, :, None, :]
+        ) / total[..., None].astype(dtype)
+        out_BxTxHxK = out_BxGxPxNxRxK.transpose(0, 2, 3, 1, 4, 5).reshape(b, p * n, h, k)
+        return out_BxTxHxK, (k_now_BxGxPxNxK, v_now_BxGxPxNxK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,39 +136,32 @@ class DenseThoughtAttention:
     sliding_window: int | None = None
 
     def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
-        base_k_BxNxGxK, base_v_BxNxGxK, cache_k_BxPxNxSxGxK, cache_v_BxPxNxSxGxK = layer_state
-        extras: ThoughtExtras = inputs.extras
-        b, p, n, s, g, k = cache_k_BxPxNxSxGxK.shape
+        base_k_BxNxGxK, base_v_BxNxGxK, cache_k_BxGxPxNxSxK, cache_v_BxGxPxNxSxK = layer_state
+        b, g, p, n, s, k = cache_k_BxGxPxNxSxK.shape
         dtype = q_BxTxHxK.dtype
+        k_now_BxGxPxNxK = _to_groups(k_BxTxGxK, p, g)[:, :, :, :, 0]
+        v_now_BxGxPxNxK = _to_groups(v_BxTxGxK, p, g)[:, :, :, :, 0]
 
-        def all_keys(base_BxNxGxK, cache_BxPxNxSxGxK, now_BxTxGxK):
+        def all_keys(base_BxNxGxK, cache_BxGxPxNxSxK, now_BxTxGxK):
             base = jnp.broadcast_to(base_BxNxGxK[:, None], (b, p, n, g, k))
-            flat = [base, cache_BxPxNxSxGxK.reshape(b, p, n * s, g, k), now_BxTxGxK.reshape(b, p, n, g, k)]
+            cache = cache_BxGxPxNxSxK.transpose(0, 2, 3, 4, 1, 5).reshape(b, p, n * s, g, k)
+            flat = [base, cache, now_BxTxGxK.reshape(b, p, n, g, k)]
             return jnp.concatenate(flat, axis=2).astype(dtype).reshape(b * p, n * (s + 2), g, k)
 
-        index_N = jnp.arange(n)
-        base_mask_BxNxN = (index_N[:, None] >= index_N[None, :])[None] & extras.base_valid_BxN[:, None, :]
-        if self.sliding_window is not None:
-            distance = extras.base_positions_BxN[:, :, None] + extras.step - extras.base_positions_BxN[:, None, :]
-            base_mask_BxNxN &= distance < self.sliding_window
-        same_position_NxN = index_N[:, None] == index_N[None, :]
-        slot_S = jnp.arange(s)
-        cache_slot_S = (slot_S < extras.step - 1) & (
-            True if self.sliding_window is None else extras.step - (slot_S + 1) < self.sliding_window
-        )
-        cache_mask_NxNS = (same_position_NxN[:, :, None] & cache_slot_S).reshape(n, n * s)
+        base_mask_BxNxN, cache_mask_S = _thought_masks(inputs.extras, n, s, self.sliding_window)
+        same_position_NxN = jnp.eye(n, dtype=bool)
+        cache_mask_NxNS = (same_position_NxN[:, :, None] & cache_mask_S).reshape(n, n * s)
         mask_BxNxK = jnp.concatenate(
             [base_mask_BxNxN, jnp.broadcast_to(cache_mask_NxNS, (b, n, n * s)), jnp.broadcast_to(same_position_NxN, (b, n, n))],
             axis=-1,
         )
-        mask_BPxNxK = jnp.repeat(mask_BxNxK, p, axis=0)
         out = masked_attention(
             q_BxTxHxK.reshape(b * p, n, *q_BxTxHxK.shape[2:]),
-            all_keys(base_k_BxNxGxK, cache_k_BxPxNxSxGxK, k_BxTxGxK),
-            all_keys(base_v_BxNxGxK, cache_v_BxPxNxSxGxK, v_BxTxGxK),
-            mask_BPxNxK,
+            all_keys(base_k_BxNxGxK, cache_k_BxGxPxNxSxK, k_BxTxGxK),
+            all_keys(base_v_BxNxGxK, cache_v_BxGxPxNxSxK, v_BxTxGxK),
+            jnp.repeat(mask_BxNxK, p, axis=0),
         )
-        return out.reshape(q_BxTxHxK.shape), (k_BxTxGxK, v_BxTxGxK)
+        return out.reshape(q_BxTxHxK.shape), (k_now_BxGxPxNxK, v_now_BxGxPxNxK)
 
 
 THOUGHT_ATTENTION = {"parallel": ThoughtAttention, "dense_mask": DenseThoughtAttention}
@@ -224,14 +232,18 @@ def _shift_left(x_BxN: jax.Array, shift: int, fill) -> jax.Array:
 
 
 def _token_logp(logits_xV: jax.Array, tokens_x: jax.Array) -> jax.Array:
-    logp_xV = jax.nn.log_softmax(logits_xV, axis=-1)
-    return jnp.take_along_axis(logp_xV, tokens_x[..., None], axis=-1)[..., 0]
+    """log softmax(logits)[token], picked with a one-hot compare rather than a gather:
+    its gradient is then elementwise, not a scatter (scatters are slow on CPU)."""
+    vocab_V = jnp.arange(logits_xV.shape[-1])
+    picked_x = jnp.sum(jnp.where(vocab_V == tokens_x[..., None], logits_xV, 0.0), axis=-1)
+    return picked_x - jax.nn.logsumexp(logits_xV, axis=-1)
 
 
 def mask_thought_tokens(logits_xV: jax.Array, qs: QuietStarConfig) -> jax.Array:
     """Start/end tokens are never sampled (they are placed, not predicted)."""
-    ids = jnp.asarray([qs.start_token_id, qs.end_token_id])
-    return logits_xV.at[..., ids].set(MASKED_SCORE)
+    vocab_V = jnp.arange(logits_xV.shape[-1])
+    thought_V = (vocab_V == qs.start_token_id) | (vocab_V == qs.end_token_id)
+    return jnp.where(thought_V, MASKED_SCORE, logits_xV)
 
 
 def check_thought_ids(config: ModelConfig, qs: QuietStarConfig) -> None:
@@ -343,7 +355,7 @@ def rollout(
     base_logp_BxN = rows_in_chunks(target_logp, chunk, h_base_BxNxD, targets_CxBxN[0])
 
     thought_model = Transformer(config, THOUGHT_ATTENTION[qs.attention_impl](config.sliding_window))
-    cache_shape = (config.num_layers, b, p, n, s_total, config.num_kv_heads, config.head_dim)
+    cache_shape = (config.num_layers, b, config.num_kv_heads, p, n, s_total, config.head_dim)
     cache = (jnp.zeros(cache_shape, base_k.dtype), jnp.zeros(cache_shape, base_v.dtype))
     positions_BxT = jnp.tile(positions_BxN, (1, p))
     tile = lambda x_BxNxD: jnp.tile(x_BxNxD, (1, p, 1))
@@ -351,15 +363,15 @@ def rollout(
     def think(x_BxTxD, step, cache):
         """Feeds one token per (pass, position); returns hidden states and the extended cache."""
         inputs = AttentionInputs(positions_BxT + step, ThoughtExtras(step, positions_BxN, valid_BxN))
-        h_BxTxD, (k_LxBxTxGxK, v_LxBxTxGxK) = thought_model.apply(
+        h_BxTxD, (k_LxBxGxPxNxK, v_LxBxGxPxNxK) = thought_model.apply(
             lm, x_BxTxD, inputs, (base_k, base_v) + cache, method=Transformer.transform
         )
 
-        def write(cache_LxBxPxNxSxGxK, new_LxBxTxGxK):
-            new = new_LxBxTxGxK.reshape(cache_shape[:4] + (1,) + cache_shape[5:])
-            return jax.lax.dynamic_update_slice_in_dim(cache_LxBxPxNxSxGxK, new.astype(cache_LxBxPxNxSxGxK.dtype), step - 1, axis=4)
+        def write(cache_LxBxGxPxNxSxK, new_LxBxGxPxNxK):
+            new = new_LxBxGxPxNxK[:, :, :, :, :, None].astype(cache_LxBxGxPxNxSxK.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(cache_LxBxGxPxNxSxK, new, step - 1, axis=5)
 
-        return h_BxTxD, (write(cache[0], k_LxBxTxGxK), write(cache[1], v_LxBxTxGxK))
+        return h_BxTxD, (write(cache[0], k_LxBxGxPxNxK), write(cache[1], v_LxBxGxPxNxK))
 
     maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
 
