@@ -46,6 +46,13 @@ def save_model(directory: str, config: ModelConfig, params: Params, tokenizer: T
         tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
 
 
+def save_model_files(directory: str, config: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The config and tokenizer a training workdir needs beside its checkpoints (tools read them)."""
+    os.makedirs(directory, exist_ok=True)
+    config.save(os.path.join(directory, MODEL_CONFIG_FILE))
+    tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
+
+
 def is_model_dir(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, MODEL_CONFIG_FILE)) and os.path.isdir(
         os.path.join(directory, PARAMS_DIR)
@@ -77,3 +84,70 @@ def load_model_tokenizer(directory: str) -> Tokenizer:
     if not has_tokenizer(tokenizer_dir):
         raise UserError(f"model directory {directory} has no tokenizer/")
     return load_tokenizer(tokenizer_dir)
+
+
+# ---------------------------------------------------------------------- training checkpoints
+
+
+class TrainCheckpoints:
+    """Orbax `CheckpointManager` for training: state + data-iterator position + run metadata.
+
+    Each step directory holds three items: `state` (params, optimizer state, step, rng;
+    restored straight onto the target shardings), `data` (the next batch index) and `meta`
+    (model and Quiet-STaR configs, checked before restoring so a workdir from another
+    architecture fails with one clear line). Saves are asynchronous; Orbax writes to a
+    temporary directory and renames it when complete, so a run killed mid-save leaves the
+    previous checkpoint intact.
+    """
+
+    def __init__(self, directory: str, keep: int, async_save: bool = True):
+        self.directory = _absolute(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+        )
+        return restored["state"], restored["data"]
+
+    def restore_on_one_device(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state, meta) of a step onto the first local device, whatever mesh saved it.
+
+        For tools (evaluation, generation, tests) that read a training run's result.
+        """
+        state_dir = os.path.join(self.directory, str(step), "state")
+        tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+        )
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

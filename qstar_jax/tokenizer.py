@@ -198,3 +198,29 @@ def add_thought_tokens(tokenizer: Tokenizer) -> tuple[int, int]:
     """Adds `<|startofthought|>` and `<|endofthought|>`; returns (start_id, end_id)."""
     start_id, end_id = tokenizer.add_special_tokens([START_THOUGHT, END_THOUGHT])
     return start_id, end_id
+
+
+def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int, directory: str) -> Tokenizer:
+    """Trains a byte-level BPE `tokenizer.json` on `documents` (deterministic) and loads it.
+
+    Used when a run starts from random weights and no tokenizer is given: the embedded
+    default corpus gets a tokenizer fitted to it, through the same HF tokenizer code path
+    real checkpoints use.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents, trainer)
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    return load_tokenizer(directory)

@@ -75,10 +75,19 @@ class TrainState:
     step: jax.Array
     params: Params
     opt_state: optax.OptState
-    rng: jax.Array
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(d["step"], d["params"], d["opt_state"], d["rng"])
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
@@ -92,7 +101,7 @@ def train_step(
     optimizer: optax.GradientTransformation,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from A accumulated micro-batches of B sequences of N tokens."""
-    step_rng = jax.random.fold_in(state.rng, state.step)
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(
         lambda p, t, v, r: quiet_star_loss(model_config, qs, p, t, v, r), has_aux=True
     )

@@ -1,0 +1,74 @@
+"""Defaults every experiment starts from: the official Quiet-STaR run's settings.
+
+Experiment files call `base.get_config()` and change what differs. Every key here is
+overridable on the command line (`--config.optimizer.learning_rate=2e-6`); an unknown key
+is an error.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.train_step import OptimizerConfig
+
+# Thought token ids come from the tokenizer at run time, never from a config file.
+_RUNTIME_QUIET_STAR_FIELDS = ("start_token_id", "end_token_id")
+
+
+def _fields(cls, skip=()) -> dict:
+    """The dataclass's defaulted fields (required ones are set explicitly below)."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if f.name not in skip and f.default is not dataclasses.MISSING
+    }
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # Where the LM comes from: "" = random init from `model` below; else a qstar_jax model
+    # directory (python -m qstar_jax.convert ...) or a Hugging Face checkpoint directory.
+    config.init_from = ""
+    # Tokenizer directory; "" = the init_from checkpoint's, or (random init) a BPE
+    # tokenizer of `tokenizer_vocab_size` trained on the training documents.
+    config.tokenizer = ""
+    config.tokenizer_vocab_size = 512
+    # Architecture for a random init (init_from=""); vocab and BOS/EOS come from the tokenizer.
+    architecture = dict(model_type="llama", hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16)
+    model = _fields(ModelConfig, skip=("bos_token_id", "eos_token_id", "sliding_window"))
+    config.model = ml_collections.ConfigDict({**architecture, **model})
+    config.model.sliding_window = ml_collections.FieldReference(None, field_type=int)
+    config.quiet_star = ml_collections.ConfigDict(_fields(QuietStarConfig, skip=_RUNTIME_QUIET_STAR_FIELDS))
+    config.optimizer = ml_collections.ConfigDict(_fields(OptimizerConfig))
+    config.data = ml_collections.ConfigDict(
+        dict(
+            source="default",  # "default" | "files" | "tfds"
+            path="",  # files: directory or file; tfds: data_dir
+            tfds_name="",
+            split="train",
+            text_field="text",
+            max_documents=0,  # 0 = all
+            default_documents=2000,
+            default_seed=0,
+            seq_len=256,
+            eval_documents=100,  # held out from the end of the document list
+        )
+    )
+    config.batch_size = 8  # sequences per optimizer step (global, all hosts)
+    config.grad_accum = 1  # micro-batches per optimizer step
+    config.steps = 100
+    config.log_every = 10
+    config.eval_every = 10
+    config.eval_batches = 2
+    config.checkpoint_every = 50
+    config.keep_checkpoints = 3
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.distributed = ml_collections.ConfigDict(
+        dict(mode="auto", coordinator_address="", num_processes=1, process_id=0)  # auto | on | off
+    )
+    config.preflight_vocab_size = 32002  # vocab for --preflight (no tokenizer is loaded then)
+    config.wandb_project = ""  # log to Weights & Biases too, if installed
+    return config

@@ -1,0 +1,40 @@
+"""The paper's run: Quiet-STaR on Mistral-7B-v0.1 with OpenWebMath (Zelikman et al. 2024).
+
+Prepare once (offline after the downloads):
+    python -m qstar_jax.convert --hf-checkpoint PATH/Mistral-7B-v0.1 --output checkpoints/mistral-7b-v0.1
+    # OpenWebMath as parquet/jsonl files with a "text" field, e.g. the HF dataset's parquet shards:
+    mkdir -p data/open-web-math && cp PATH/open-web-math/data/*.parquet data/open-web-math/
+Run (one host; on a pod see launch/):
+    python -m qstar_jax.train --config experiments/mistral_owm.py --workdir runs/mistral_owm
+Check memory first without weights:  ... --preflight (reports per-device GB for this mesh).
+"""
+
+import ml_collections
+
+from experiments import base
+
+# Mistral-7B-v0.1's architecture (what a converted checkpoint holds; --preflight uses it).
+MISTRAL_7B = dict(
+    model_type="mistral", hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+    num_kv_heads=8, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
+    tie_word_embeddings=False,
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base.get_config()
+    config.init_from = "checkpoints/mistral-7b-v0.1"
+    config.model.update(MISTRAL_7B, dtype="bfloat16", param_dtype="float32", remat=True)
+    config.model.sliding_window = 4096
+    config.preflight_vocab_size = 32002  # Mistral's 32000 + the two thought tokens
+    config.quiet_star.update(n_ahead=12, n_ahead_talk=4, n_passes=2)  # official defaults
+    config.optimizer.update(learning_rate=1e-6, warmup_steps=20, weight_decay=0.001, grad_clip_norm=1.0)
+    config.data.update(source="files", path="data/open-web-math", max_documents=1000, seq_len=256,
+                       eval_documents=0)
+    config.batch_size = 8
+    config.steps = 100
+    config.optimizer.total_steps = config.steps
+    config.eval_every = 10
+    config.checkpoint_every = 10
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    return config

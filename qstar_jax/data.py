@@ -1,0 +1,198 @@
+"""Training data: documents -> one token stream -> random fixed-length windows.
+
+Sources (`config.data.source`):
+  * "default": a corpus the repo generates deterministically (`default_corpus`), so the
+    main command needs no download;
+  * "files": a directory (or one file) of `.txt`, `.jsonl` (a text field) or `.parquet`
+    (a text column) files: how OpenWebMath or C4 are used offline;
+  * "tfds": a tensorflow-datasets dataset by name, already prepared in `data_dir`, read
+    through its TF-free array_record data source.
+
+Windows follow the paper: each example is a random `seq_len`-token crop of the token
+stream (documents joined with EOS). The window of global example i at step s is a pure
+function of (seed, s, i), so the data "iterator" state is just the next step: saved in
+every checkpoint, resumable exactly, and each host / data-parallel rank draws its own
+rows without coordination.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import random
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from qstar_jax.errors import UserError
+from qstar_jax.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+# ------------------------------------------------------------------------ default corpus
+
+
+def default_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
+    """Short arithmetic stories whose answers follow from stated steps.
+
+    Deterministic given the seed. The numbers make some tokens hard (the results) and
+    others easy (the template), which is what Quiet-STaR's thinking is meant to help.
+    """
+    rng = random.Random(seed)
+    names = ["Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June"]
+    things = ["apples", "books", "coins", "shells", "stamps", "marbles", "pens", "cards"]
+    documents = []
+    for _ in range(num_documents):
+        name, other = rng.sample(names, 2)
+        thing = rng.choice(things)
+        a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+        kind = rng.randrange(3)
+        if kind == 0:
+            text = (f"{name} has {a} {thing}. {other} gives {name} {b} more. "
+                    f"{a} plus {b} is {a + b}, so {name} now has {a + b} {thing}.")
+        elif kind == 1:
+            text = (f"{name} packs {c} boxes with {a} {thing} in each box. "
+                    f"{c} times {a} is {c * a}, so there are {c * a} {thing} in all.")
+        else:
+            big = a + b
+            text = (f"{name} had {big} {thing} and gave {b} to {other}. "
+                    f"{big} minus {b} is {a}, so {name} keeps {a} {thing}.")
+        documents.append(text)
+    return documents
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def _read_file(path: str, text_field: str) -> Iterable[str]:
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield f.read()
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
+                if text_field not in record:
+                    raise UserError(f"{path}:{line_number} has no {text_field!r} field")
+                yield record[text_field]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise UserError(f"{path} has no {text_field!r} column (columns: {', '.join(table.column_names)})")
+        yield from table.column(text_field).to_pylist()
+
+
+def file_documents(path: str, text_field: str = "text", max_documents: int = 0) -> list[str]:
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.isdir(path):
+        files = sorted(
+            f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(TEXT_SUFFIXES)
+        )
+        if not files:
+            raise UserError(f"no {'/'.join(TEXT_SUFFIXES)} files in data directory {path}")
+    else:
+        raise UserError(f"data path does not exist: {path}")
+    documents = []
+    for file in files:
+        for text in _read_file(file, text_field):
+            if text:
+                documents.append(text)
+            if max_documents and len(documents) >= max_documents:
+                return documents
+    return documents
+
+
+def tfds_documents(name: str, split: str, data_dir: str | None, text_field: str = "text",
+                   max_documents: int = 0) -> list[str]:
+    """Reads a prepared tfds dataset through `tfds.data_source` (no TensorFlow needed)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises many types for "not prepared here"
+        raise UserError(f"tfds dataset {name!r} split {split!r} is not available in {data_dir}: "
+                        f"{str(e).splitlines()[0]}") from None
+    count = len(source) if not max_documents else min(len(source), max_documents)
+    documents = []
+    for i in range(count):
+        text = source[i][text_field]
+        documents.append(text.decode("utf-8") if isinstance(text, bytes) else text)
+    return documents
+
+
+def load_documents(data_config) -> list[str]:
+    source = data_config.source
+    if source == "default":
+        documents = default_corpus(data_config.default_documents, data_config.default_seed)
+    elif source == "files":
+        documents = file_documents(data_config.path, data_config.text_field, data_config.max_documents)
+    elif source == "tfds":
+        documents = tfds_documents(data_config.tfds_name, data_config.split, data_config.path or None,
+                                   data_config.text_field, data_config.max_documents)
+    else:
+        raise UserError(f"data.source must be 'default', 'files' or 'tfds', got {source!r}")
+    if not documents:
+        raise UserError(f"the {source} dataset is empty")
+    return documents
+
+
+# ------------------------------------------------------------------------------- tokens
+
+
+def token_stream(documents: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """All documents as one int32 stream, each wrapped in BOS ... EOS when the tokenizer has them."""
+    pieces = []
+    for text in documents:
+        ids = tokenizer.encode(text)
+        if tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id] + ids
+        if tokenizer.eos_id is not None:
+            ids = ids + [tokenizer.eos_id]
+        pieces.append(np.asarray(ids, np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSampler:
+    """Random `seq_len` windows of a token stream, addressed by (step, example index)."""
+
+    tokens: np.ndarray
+    seq_len: int
+    seed: int
+
+    def __post_init__(self):
+        if len(self.tokens) < self.seq_len:
+            raise UserError(
+                f"dataset has {len(self.tokens)} tokens, fewer than one window of seq_len={self.seq_len}"
+            )
+
+    def window(self, step: int, index: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, step, index))
+        start = int(rng.integers(0, len(self.tokens) - self.seq_len + 1))
+        return self.tokens[start : start + self.seq_len]
+
+    def batch(self, step: int, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and validity (all real: windows never run past the stream) for these rows."""
+        tokens = np.stack([self.window(step, i) for i in rows])
+        return tokens, np.ones(tokens.shape, bool)
+
+
+def split_documents(documents: list[str], eval_documents: int) -> tuple[list[str], list[str]]:
+    """Holds out the last `eval_documents` documents for evaluation (never trained on)."""
+    if eval_documents <= 0:
+        return documents, []
+    if eval_documents >= len(documents):
+        raise UserError(f"data.eval_documents={eval_documents} leaves no training documents "
+                        f"(dataset has {len(documents)})")
+    return documents[:-eval_documents], documents[-eval_documents:]

@@ -1,0 +1,75 @@
+"""Training metrics: metrics.jsonl, TensorBoard events, a console progress line, optional wandb.
+
+Only process 0 writes. On a terminal the console shows one updating progress line (step,
+loss, reward, mixing weight, tokens/s, ETA); in a log file (CI, pods) it prints plain lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "tokens_per_s")
+
+
+class MetricsLog:
+    def __init__(self, workdir: str, total_steps: int, start_step: int, wandb_project: str = "",
+                 config: dict[str, Any] | None = None):
+        self.enabled = jax.process_index() == 0
+        self.total_steps, self.start_step = total_steps, start_step
+        self.start_time = time.perf_counter()
+        self.tty = sys.stdout.isatty()
+        self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("wandb_project is set but wandb is not installed; logging locally only", file=sys.stderr)
+            else:
+                self.wandb = wandb.init(project=wandb_project, config=config, dir=workdir)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self._console(step, metrics)
+
+    def _console(self, step: int, metrics: dict[str, float]) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        shown = [f"{k}={metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics]
+        shown += [f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")]
+        line = f"step {step}/{self.total_steps} " + " ".join(shown) + f" eta={eta:.0f}s"
+        if self.tty:
+            end = "\n" if step == self.total_steps or any(k.startswith("eval/") for k in metrics) else ""
+            print("\r\033[K" + line, end=end, flush=True)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            print()
+        self.jsonl.close()
+        self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,360 @@
+"""Quiet-STaR training: `python -m qstar_jax.train --config experiments/NAME.py --workdir DIR`.
+
+Overrides: `--config.optimizer.learning_rate=2e-6`, `--config.steps=20`, ... Restarting the
+same command resumes from the newest checkpoint in `--workdir` (same data position, same
+rng: the result is bit-identical to an uninterrupted run). SIGTERM (preemption) saves a
+checkpoint and exits 0. A non-finite loss stops the run before anything is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from qstar_jax import checkpoint, data, hf, sharding
+from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.errors import UserError, exit_on_user_error
+from qstar_jax.metrics_log import MetricsLog
+from qstar_jax.model import Params, grow_vocab, init_params
+from qstar_jax.quiet_star import init_quiet_star_params, quiet_star_loss
+from qstar_jax.tokenizer import Tokenizer, add_thought_tokens, load_tokenizer, train_bpe_tokenizer
+from qstar_jax.train_step import (
+    OptimizerConfig,
+    TrainState,
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    train_step,
+)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and the trained model")
+_PREFLIGHT = flags.DEFINE_bool("preflight", False, "compile the train step for the configured shapes "
+                               "on abstract inputs, report per-device memory, and exit")
+
+THOUGHT_INIT_TEXT = "---"  # the official init of the start/end thought embeddings
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def init_distributed(cfg: ml_collections.ConfigDict) -> None:
+    """JAX's multi-controller runtime: TPU pods configure themselves, elsewhere say where."""
+    if cfg.mode == "off":
+        return
+    if cfg.mode == "on":
+        # Cross-process collectives for CPU devices (GPU/TPU use their own); harmless elsewhere.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator_address or None,
+            num_processes=cfg.num_processes if cfg.coordinator_address else None,
+            process_id=cfg.process_id if cfg.coordinator_address else None,
+        )
+        return
+    if cfg.mode != "auto":
+        raise UserError(f"distributed.mode must be auto, on or off, got {cfg.mode!r}")
+    try:  # TPU pods and SLURM/MPI jobs are detected; a single machine is not an error
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        logging.info("single-process run (jax.distributed not initialised: %s)", str(e).splitlines()[0])
+
+
+def dataclass_from(cls, values: ml_collections.ConfigDict, **extra):
+    return cls(**{**values.to_dict(), **extra})
+
+
+# --------------------------------------------------------------------------------- model
+
+
+def load_base_model(cfg: ml_collections.ConfigDict, documents: list[str], workdir: str):
+    """(model config, LM params, tokenizer) from init_from, or a random init and new tokenizer."""
+    if cfg.init_from:
+        path = cfg.init_from
+        if checkpoint.is_model_dir(path):
+            model_config, params = checkpoint.load_model(path)
+            tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else checkpoint.load_model_tokenizer(path)
+        else:
+            model_config, params = hf.load_hf_model(path)
+            tokenizer = load_tokenizer(cfg.tokenizer or path)
+        overrides = {k: cfg.model[k] for k in ("dtype", "remat", "scan_unroll")}
+        return model_config.replace(**overrides), params, tokenizer
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        tokenizer = train_bpe_tokenizer(documents, cfg.tokenizer_vocab_size, os.path.join(workdir, "bpe"))
+    model_config = dataclass_from(
+        ModelConfig, cfg.model, vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+    )
+    return model_config, init_params(model_config, jax.random.key(cfg.seed)), tokenizer
+
+
+def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer, cfg) -> tuple:
+    """Adds the thought tokens, grows the vocab, and builds the Quiet-STaR params."""
+    init_id = tokenizer.encode(THOUGHT_INIT_TEXT)[0]
+    init_D = jnp.asarray(params["embed_tokens"]["embedding"][init_id], jnp.float32)
+    start_id, end_id = add_thought_tokens(tokenizer)
+    vocab = max(model_config.vocab_size, end_id + 1)
+    model_config, params = grow_vocab(model_config, params, vocab, {start_id: init_D, end_id: init_D})
+    qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=start_id, end_token_id=end_id)
+    params = init_quiet_star_params(model_config, qs, params, init_D, jax.random.key(cfg.seed + 1))
+    return model_config, qs, params
+
+
+def run_meta(model_config: ModelConfig, qs: QuietStarConfig) -> dict[str, Any]:
+    return {"model_config": model_config.to_dict(), "quiet_star": qs.__dict__.copy()}
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+class Batches:
+    """Global batches as sharded arrays; each process builds only its own rows."""
+
+    def __init__(self, sampler: data.WindowSampler, accum: int, batch: int, mesh):
+        if batch % accum:
+            raise UserError(f"batch_size {batch} is not a multiple of grad_accum {accum}")
+        self.sampler, self.accum, self.micro = sampler, accum, batch // accum
+        self.sharding = sharding.batch_sharding(mesh)
+        self.shape = (accum, self.micro, sampler.seq_len)
+        width = mesh.shape["data"] * mesh.shape["fsdp"]
+        if self.micro % width:
+            raise UserError(f"micro-batch of {self.micro} sequences does not split over data x fsdp = {width}")
+
+    def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
+        def build(index, valid: bool):
+            acc, rows, _ = (range(*s.indices(n)) for s, n in zip(index, self.shape))
+            tokens = np.stack([self.sampler.batch(step, [a * self.micro + r for r in rows])[0] for a in acc])
+            return np.ones(tokens.shape, bool) if valid else tokens
+
+        make = lambda valid: jax.make_array_from_callback(
+            self.shape, self.sharding, functools.partial(build, valid=valid)
+        )
+        return make(False), make(True)
+
+
+# --------------------------------------------------------------------------------- train
+
+
+def abstract_and_shardings(model_config, qs, params_fn, optimizer, mesh):
+    abstract_state = jax.eval_shape(lambda: init_train_state(params_fn(), optimizer, jax.random.key(0)))
+    return abstract_state, sharding.state_shardings(abstract_state, optimizer, mesh)
+
+
+def compile_step(model_config, qs, optimizer, state_shardings, batch_sharding):
+    step = functools.partial(train_step, model_config=model_config, qs=qs, optimizer=optimizer)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def preflight(model_config, qs, optimizer, mesh, cfg) -> dict[str, float]:
+    """AOT-compiles the train step on abstract inputs and returns its per-device memory (GB)."""
+    abstract_state, shardings = abstract_and_shardings(
+        model_config, qs,
+        lambda: init_quiet_star_params(model_config, qs, init_params(model_config, jax.random.key(0)),
+                                       jnp.zeros((model_config.hidden_size,)), jax.random.key(1)),
+        optimizer, mesh,
+    )
+    batch_sharding = sharding.batch_sharding(mesh)
+    shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, cfg.data.seq_len)
+    abstract_in = lambda dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    compiled = compile_step(model_config, qs, optimizer, shardings, batch_sharding).lower(
+        state_in, abstract_in(jnp.int32, batch_sharding), abstract_in(bool, batch_sharding)
+    ).compile()
+    mem = compiled.memory_analysis()
+    gb = lambda x: round(x / 2**30, 3)
+    return {
+        "devices": mesh.size,
+        "mesh": dict(mesh.shape),
+        "params_billion": round(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_state.params)) / 1e9, 3),
+        "argument_gb_per_device": gb(mem.argument_size_in_bytes),
+        "temp_gb_per_device": gb(mem.temp_size_in_bytes),
+        "output_gb_per_device": gb(mem.output_size_in_bytes),
+        "alias_gb_per_device": gb(mem.alias_size_in_bytes),
+        "peak_gb_per_device": gb(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                                 + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+    }
+
+
+def evaluate(eval_fn, state, batches: list) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for tokens, valid in batches:
+        metrics = jax.device_get(eval_fn(state.params, tokens[0], valid[0]))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+    return totals
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    init_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    optimizer_config = dataclass_from(OptimizerConfig, cfg.optimizer)
+    optimizer = make_optimizer(optimizer_config)
+    learning_rate = learning_rate_schedule(optimizer_config)
+    if _PREFLIGHT.value:
+        model_config = dataclass_from(ModelConfig, cfg.model, vocab_size=cfg.preflight_vocab_size)
+        qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=model_config.vocab_size - 2,
+                            end_token_id=model_config.vocab_size - 1)
+        print(json.dumps(preflight(model_config, qs, optimizer, mesh, cfg)))
+        return
+
+    if cfg.init_from and not os.path.isdir(cfg.init_from):
+        raise UserError(f"init_from directory does not exist: {cfg.init_from} (convert a HF checkpoint with "
+                        f"python -m qstar_jax.convert --hf-checkpoint HF_DIR --output {cfg.init_from})")
+    documents = data.load_documents(cfg.data)
+    train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_documents)
+    os.makedirs(workdir, exist_ok=True)
+    model_config, lm_params, tokenizer = load_base_model(cfg, train_docs, workdir)
+    model_config, qs, params = add_thoughts(model_config, lm_params, tokenizer, cfg)
+    del lm_params
+    sampler = data.WindowSampler(data.token_stream(train_docs, tokenizer), cfg.data.seq_len, cfg.seed)
+    batches = Batches(sampler, cfg.grad_accum, cfg.batch_size, mesh)
+    eval_batches = []
+    if eval_docs and cfg.eval_every > 0:
+        eval_sampler = data.WindowSampler(data.token_stream(eval_docs, tokenizer), cfg.data.seq_len, cfg.seed + 1)
+        eval_source = Batches(eval_sampler, 1, batches.micro, mesh)
+        eval_batches = [eval_source(i) for i in range(cfg.eval_batches)]
+
+    meta = run_meta(model_config, qs)
+    ckpt = TrainCheckpointsWithMeta(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, meta)
+    abstract_state, state_shardings = abstract_and_shardings(model_config, qs, lambda: params, optimizer, mesh)
+    start_step = ckpt.latest_step()
+    if start_step is None:
+        state = jax.jit(lambda p: init_train_state(p, optimizer, jax.random.key(cfg.seed)),
+                        out_shardings=state_shardings)(params)
+        start_step = 0
+    else:
+        state = ckpt.restore(start_step, abstract_state, state_shardings)
+        print(f"resumed from step {start_step} in {workdir}", flush=True)
+    del params
+    checkpoint.save_model_files(workdir, model_config, tokenizer)  # for evaluate / generate
+
+    step_fn = compile_step(model_config, qs, optimizer, state_shardings, batches.sharding)
+    eval_fn = jax.jit(lambda p, t, v: quiet_star_loss(model_config, qs, p, t, v, jax.random.key(cfg.seed + 2))[1])
+    log = MetricsLog(workdir, cfg.steps, start_step, cfg.wandb_project, cfg.to_dict())
+    preempted = Preemption()
+    tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    step = start_step
+    last_log = (step, time.perf_counter())
+    while step < cfg.steps:
+        tokens, valid = batches(step)
+        state, metrics = step_fn(state, tokens, valid)
+        step += 1
+        last = step == cfg.steps
+        want_save = step % cfg.checkpoint_every == 0 or last or preempted(step)
+        if step % cfg.log_every == 0 or want_save:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(metrics["loss"]):
+                ckpt.wait()
+                raise UserError(f"non-finite loss ({metrics['loss']}) at step {step}; stopped without saving, "
+                                f"last good checkpoint: step {ckpt.latest_step()}")
+            # Steps are dispatched asynchronously; the fetch above waited for all of them.
+            now = time.perf_counter()
+            metrics["tokens_per_s"] = tokens_per_step * (step - last_log[0]) / (now - last_log[1])
+            last_log = (step, now)
+            metrics["learning_rate"] = float(learning_rate(step))
+            log.write(step, metrics)
+        if eval_batches and (step % cfg.eval_every == 0 or last):
+            log.write(step, {f"eval/{k}": v for k, v in evaluate(eval_fn, state, eval_batches).items()})
+        if want_save:
+            ckpt.save(step, state)
+            if preempted.requested:
+                ckpt.wait()
+                log.close()
+                print(f"preempted: saved checkpoint at step {step}, exiting", flush=True)
+                return
+    ckpt.wait()
+    log.close()
+
+
+class TrainCheckpointsWithMeta(checkpoint.TrainCheckpoints):
+    """Training checkpoints that carry and check the run's model / method configs."""
+
+    def __init__(self, directory: str, keep: int, meta: dict[str, Any]):
+        super().__init__(directory, keep)
+        self.meta = meta
+
+    def save(self, step: int, state: TrainState) -> None:  # type: ignore[override]
+        super().save(step, state.to_dict(), {"next_step": step}, self.meta)
+
+    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState) -> TrainState:  # type: ignore[override]
+        saved = self.restore_meta(step)
+        if saved["model_config"] != self.meta["model_config"]:
+            differing = sorted(k for k in self.meta["model_config"]
+                               if saved["model_config"].get(k) != self.meta["model_config"][k])
+            raise UserError(f"checkpoint at step {step} in {self.directory} is for another model "
+                            f"(differs in: {', '.join(differing)}); use a new --workdir")
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        )
+        state, data_state = super().restore(step, target.to_dict())
+        if data_state["next_step"] != step:
+            raise UserError(f"checkpoint at step {step} has inconsistent data state {data_state}")
+        return TrainState.from_dict(state)
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise UserError("--config experiments/NAME.py is required")
+    if not _WORKDIR.value and not _PREFLIGHT.value:
+        raise UserError("--workdir DIR is required")
+    train(cfg, _WORKDIR.value)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config-override mistakes reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names no config key
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        print(f"error: unknown config key {str(e).strip(chr(34))} (in {', '.join(bad)})", file=sys.stderr)
+    except (TypeError, ValueError) as e:  # ml_collections: an override of the wrong type
+        print(f"error: bad config override: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

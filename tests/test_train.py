@@ -1,0 +1,194 @@
+"""The training program end to end: runs, sharding, multi-process, resume, preemption, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from qstar_jax import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small, fast variant of experiments/tiny_cpu.py.
+SMALL = [
+    "--config.steps=6", "--config.log_every=1", "--config.eval_every=3", "--config.eval_batches=1",
+    "--config.checkpoint_every=3", "--config.batch_size=8", "--config.data.seq_len=24",
+    "--config.data.default_documents=300", "--config.data.eval_documents=20", "--config.tokenizer_vocab_size=300",
+    "--config.quiet_star.n_ahead=4", "--config.quiet_star.n_ahead_talk=2", "--config.optimizer.total_steps=6",
+]
+
+
+def run_train(workdir, *overrides, devices=1, env_extra=None, wait=True, config="experiments/tiny_cpu.py"):
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    args = [sys.executable, "-m", "qstar_jax.train", "--config", config, "--workdir", str(workdir), *SMALL, *overrides]
+    if not wait:
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(workdir) if "loss" in m}
+
+
+def final_params(workdir):
+    ckpt = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=10)
+    step = ckpt.latest_step()
+    state, _ = ckpt.restore_on_one_device(step)
+    ckpt.close()
+    return step, state["params"]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_tiny_run_leaves_checkpoints_logs_and_model_files(tmp_path):
+    result = run_train(tmp_path)
+    assert_ok(result)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert os.listdir(tmp_path / "tensorboard")
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+    assert any("eval/loss" in m for m in metrics(tmp_path))
+    assert os.path.isfile(tmp_path / "model_config.json") and os.path.isdir(tmp_path / "tokenizer")
+    assert "step 6/6" in result.stdout
+
+
+def test_sharded_run_matches_single_device(tmp_path):
+    """3 steps on 1 CPU device vs 8 forced devices as data=2 x fsdp=4: same losses (<= 1e-5 rel)."""
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    assert_ok(run_train(one, "--config.steps=3"))
+    assert_ok(run_train(eight, "--config.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8))
+    a, b = train_losses(one), train_losses(eight)
+    assert sorted(a) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_in_lockstep_like_one(tmp_path):
+    """2 local processes (jax.distributed, localhost coordinator) == 1 process with 2 devices."""
+    reference = tmp_path / "reference"
+    assert_ok(run_train(reference, "--config.steps=3", "--config.mesh.data=2", devices=2))
+    port = _free_port()
+    procs = [
+        run_train(tmp_path / "multi", "--config.steps=3", "--config.mesh.data=2", "--config.distributed.mode=on",
+                  f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", wait=False)
+        for i in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    step_a, params_a = final_params(reference)
+    step_b, params_b = final_params(tmp_path / "multi")
+    assert step_a == step_b == 3
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), params_a, params_b)
+    assert train_losses(tmp_path / "multi") == pytest.approx(train_losses(reference), rel=1e-5)
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=300):
+    path = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.time() + timeout
+    while not os.path.isdir(path):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+    long = ["--config.steps=30", "--config.optimizer.total_steps=30", "--config.checkpoint_every=5",
+            "--config.eval_every=0"]
+    assert_ok(run_train(tmp_path / "straight", *long))
+    proc = run_train(tmp_path / "killed", *long, wait=False)
+    _wait_for_checkpoint(tmp_path / "killed", 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = checkpoint.TrainCheckpoints(str(tmp_path / "killed" / "checkpoints"), 10).latest_step()
+    assert interrupted_at is not None and interrupted_at < 30
+    resumed = run_train(tmp_path / "killed", *long)
+    assert_ok(resumed)
+    assert f"resumed from step {interrupted_at}" in resumed.stdout
+    step_a, a = final_params(tmp_path / "straight")
+    step_b, b = final_params(tmp_path / "killed")
+    assert step_a == step_b == 30
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    proc = run_train(tmp_path, "--config.steps=200", "--config.optimizer.total_steps=200",
+                     "--config.checkpoint_every=5", "--config.eval_every=0", wait=False)
+    _wait_for_checkpoint(tmp_path, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [line for line in out.splitlines() if line.startswith("preempted: saved checkpoint at step")]
+    assert saved, out[-2000:]
+    stopped_at = int(saved[0].split()[-2].rstrip(","))
+    ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 10)
+    assert ckpt.latest_step() == stopped_at and 5 <= stopped_at < 200
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith(("W1", "I1"))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_unknown_config_key(tmp_path):
+    _one_line_error(run_train(tmp_path, "--config.optimizer.lr=1"), "unknown config key 'lr'")
+
+
+def test_missing_data_directory_and_empty_dataset(tmp_path):
+    _one_line_error(run_train(tmp_path / "w", "--config.data.source=files", f"--config.data.path={tmp_path}/nope"),
+                    "data path does not exist")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    _one_line_error(run_train(tmp_path / "w", "--config.data.source=files", f"--config.data.path={tmp_path}/empty"),
+                    "dataset is empty")
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    assert_ok(run_train(tmp_path, "--config.steps=3"))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    _one_line_error(run_train(tmp_path, "--config.model.intermediate_size=128"),
+                    "is for another model", "intermediate_size")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    result = run_train(tmp_path, "--config.optimizer.learning_rate=1e30", "--config.checkpoint_every=1",
+                       "--config.optimizer.grad_clip_norm=1e30", "--config.steps=20", "--config.optimizer.total_steps=20")
+    _one_line_error(result, "non-finite loss")
+    saved = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 100).latest_step()
+    if saved is not None:  # every checkpoint that exists holds finite parameters
+        _, params = final_params(tmp_path)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_paper_config_fails_fast_without_the_checkpoint(tmp_path):
+    result = run_train(tmp_path, config="experiments/mistral_owm.py")
+    _one_line_error(result, "init_from directory does not exist: checkpoints/mistral-7b-v0.1")
