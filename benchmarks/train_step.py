@@ -29,10 +29,11 @@ def configurations(quick: bool) -> list[dict]:
     if quick:
         return anchors
     dense = [dict(ANCHOR, variant="dense_mask"), dict(ANCHOR, vocab=32002, variant="dense_mask")]
+    # The dense-mask variant stops at seq 256: at 512 it needs minutes per step here.
     sweep = [
         dict(ANCHOR, seq=seq, n_ahead=n_ahead, variant=variant)
         for variant in ("parallel", "dense_mask")
-        for seq in (128, 256, 512)
+        for seq in ((128, 256, 512) if variant == "parallel" else (128, 256))
         for n_ahead in (8, 12, 16)
         if not (seq == 256 and n_ahead == 12)
     ]

@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 10
     config.eval_every = 10
     config.eval_batches = 2
+    # Zero-shot benchmarks run (with thinking) at every eval: "TASK:FILE[:LIMIT],..." e.g.
+    # "gsm8k:data/gsm8k/test.jsonl:200,csqa:data/csqa/dev.jsonl:200" (tasks.py has the formats).
+    config.eval_tasks = ""
     config.checkpoint_every = 50
     config.keep_checkpoints = 3
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -151,3 +151,30 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# -------------------------------------------------------------------------------- inference
+
+
+def load_for_inference(path: str):
+    """(model config, QuietStarConfig or None, params, tokenizer) from a run or a model directory.
+
+    A training workdir (the `--workdir` of qstar_jax.train) gives its newest checkpoint
+    with thought parameters; a model directory (qstar_jax.convert) gives a plain LM.
+    """
+    from qstar_jax.config import QuietStarConfig
+
+    checkpoints_dir = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints_dir):
+        ckpt = TrainCheckpoints(checkpoints_dir, keep=1_000_000)
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"training directory {path} has no finished checkpoint yet")
+        state, meta = ckpt.restore_on_one_device(step)
+        ckpt.close()
+        config = ModelConfig.from_dict(meta["model_config"])
+        return config, QuietStarConfig(**meta["quiet_star"]), state["params"], load_model_tokenizer(path)
+    if is_model_dir(path):
+        config, params = load_model(path)
+        return config, None, params, load_model_tokenizer(path)
+    raise UserError(f"{path} is neither a training directory (with checkpoints/) nor a model directory")

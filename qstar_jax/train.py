@@ -26,9 +26,12 @@ from ml_collections import config_flags
 from qstar_jax import checkpoint, data, hf, sharding
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError, exit_on_user_error
+from qstar_jax.evaluate import Evaluator
+from qstar_jax.evaluate import evaluate as evaluate_examples
 from qstar_jax.metrics_log import MetricsLog
 from qstar_jax.model import Params, grow_vocab, init_params
 from qstar_jax.quiet_star import init_quiet_star_params, quiet_star_loss
+from qstar_jax.tasks import load_examples
 from qstar_jax.tokenizer import Tokenizer, add_thought_tokens, load_tokenizer, train_bpe_tokenizer
 from qstar_jax.train_step import (
     OptimizerConfig,
@@ -202,6 +205,28 @@ def evaluate(eval_fn, state, batches: list) -> dict[str, float]:
     return totals
 
 
+def parse_eval_tasks(spec: str) -> list[tuple[str, list]]:
+    """"gsm8k:dev.jsonl:50,csqa:dev.jsonl" -> [(task, examples)], loaded (and checked) up front."""
+    task_sets = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        fields = item.split(":")
+        if len(fields) not in (2, 3):
+            raise UserError(f"eval_tasks entry {item!r} is not TASK:FILE[:LIMIT]")
+        limit = int(fields[2]) if len(fields) == 3 else 0
+        task_sets.append((fields[0], load_examples(fields[0], fields[1], limit)))
+    return task_sets
+
+
+def evaluate_tasks(evaluator: Evaluator, task_sets: list[tuple[str, list]]) -> dict[str, float]:
+    """The zero-shot benchmarks with thinking (periodic evaluation during training)."""
+    metrics = {}
+    for task, examples in task_sets:
+        result = evaluate_examples(evaluator, task, examples)
+        metrics[f"eval/{task}/soft_score"] = result["soft_score"]
+        metrics[f"eval/{task}/accuracy"] = result["accuracy"]
+    return metrics
+
+
 class Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary."""
 
@@ -251,6 +276,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         eval_source = Batches(eval_sampler, 1, batches.micro, mesh)
         eval_batches = [eval_source(i) for i in range(cfg.eval_batches)]
 
+    task_sets = parse_eval_tasks(cfg.eval_tasks)
     meta = run_meta(model_config, qs)
     ckpt = TrainCheckpointsWithMeta(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, meta)
     abstract_state, state_shardings = abstract_and_shardings(model_config, qs, lambda: params, optimizer, mesh)
@@ -290,8 +316,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
             last_log = (step, now)
             metrics["learning_rate"] = float(learning_rate(step))
             log.write(step, metrics)
-        if eval_batches and (step % cfg.eval_every == 0 or last):
-            log.write(step, {f"eval/{k}": v for k, v in evaluate(eval_fn, state, eval_batches).items()})
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last):
+            if eval_batches:
+                log.write(step, {f"eval/{k}": v for k, v in evaluate(eval_fn, state, eval_batches).items()})
+            if task_sets:
+                log.write(step, evaluate_tasks(Evaluator(model_config, qs, state.params, tokenizer, True), task_sets))
         if want_save:
             ckpt.save(step, state)
             if preempted.requested:

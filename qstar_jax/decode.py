@@ -1,0 +1,161 @@
+"""Generation with a KV cache, with and without thinking.
+
+Thinking generation follows training exactly: before each new token, the model thinks
+one thought on top of the cached real prefix (start, n_ahead-3 sampled tokens, end, at
+positions continuing from the last real token), mixes the post-thought hidden state with
+the base hidden state of the last real token through the mixing head, samples the next
+real token, and drops the thought's cache entries. Each new token therefore costs
+n_ahead cached decode steps, whatever the prefix length: the prefix is never re-run.
+
+The whole loop is one jitted `lax.scan`. Random numbers are addressed by
+(new-token index, thought step), so a no-cache reference can reproduce the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.model import KVCache, Params, decode_embeddings, embed, init_cache, lm_head
+from qstar_jax.quiet_star import mask_thought_tokens, mixing_head_module, sample_thought_tokens
+
+REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought steps use 1, 2, ...
+
+
+def sample_tokens(logits_BxV: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+    """Greedy for temperature <= 0, else a sample from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    uniform_B = jax.random.uniform(key, logits_BxV.shape[:1])
+    return sample_thought_tokens(logits_BxV, uniform_B, temperature)
+
+
+def thought_embeddings(qs: QuietStarConfig, params: Params) -> tuple[jax.Array, jax.Array]:
+    return params["thought"]["start"] * qs.embedding_scale, params["thought"]["end"] * qs.embedding_scale
+
+
+def think(config: ModelConfig, qs: QuietStarConfig, params: Params, cache: KVCache, key: jax.Array):
+    """One thought per row on top of `cache`; returns (h_after_end_BxD, thought_BxS, cache).
+
+    The returned cache still holds the thought; `forget_after` drops it.
+    """
+    lm = params["lm"]
+    start_D, end_D = thought_embeddings(qs, params)
+    b = cache.valid_BxS.shape[0]
+    x_Bx1xD = jnp.broadcast_to(start_D, (b, 1, config.hidden_size)).astype(jnp.dtype(config.dtype))
+    sampled = []
+    for step in range(1, qs.n_ahead):
+        h_Bx1xD, cache = decode_embeddings(config, lm, x_Bx1xD, cache)
+        if step <= qs.n_sampled:
+            logits_BxV = mask_thought_tokens(lm_head(config, lm, h_Bx1xD[:, 0]), qs)
+            token_B = sample_tokens(logits_BxV, jax.random.fold_in(key, step), qs.thought_temperature)
+            sampled.append(token_B)
+            x_Bx1xD = embed(config, lm, token_B[:, None])
+        else:  # after the last sampled token comes the end token
+            x_Bx1xD = jnp.broadcast_to(end_D, x_Bx1xD.shape).astype(x_Bx1xD.dtype)
+    thought_BxS = jnp.stack(sampled, axis=1) if sampled else jnp.zeros((b, 0), jnp.int32)
+    return h_Bx1xD[:, 0], thought_BxS, cache
+
+
+def forget_after(cache: KVCache, length: jax.Array, next_position_B: jax.Array) -> KVCache:
+    """Drops every cache slot from `length` on (a finished thought), restoring positions."""
+    keep_S = jnp.arange(cache.valid_BxS.shape[1]) < length
+    return cache._replace(valid_BxS=cache.valid_BxS & keep_S, length=length, next_position_B=next_position_B)
+
+
+def mixed_logits(config: ModelConfig, params: Params, h_base_BxD: jax.Array, h_thought_BxD: jax.Array) -> jax.Array:
+    w_B = mixing_head_module(config).apply({"params": params["mixing_head"]}, h_base_BxD, h_thought_BxD)
+    w_Bx1 = w_B[:, None].astype(h_base_BxD.dtype)
+    return lm_head(config, params["lm"], (1 - w_Bx1) * h_base_BxD + w_Bx1 * h_thought_BxD)
+
+
+class NextToken(NamedTuple):
+    logits_BxV: jax.Array
+    thought_BxS: jax.Array
+    cache: KVCache  # the input cache again (a thought's slots are written, then forgotten)
+
+
+def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, key, thinking: bool) -> NextToken:
+    """Logits for the next real token: base, or mixed after one thought."""
+    lm = params["lm"] if "lm" in params else params
+    if not thinking:
+        logits_BxV = lm_head(config, lm, h_base_BxD)
+        thought_BxS = jnp.zeros((h_base_BxD.shape[0], 0), jnp.int32)
+    else:
+        # The thought writes into the cache in place; resetting the slot bookkeeping
+        # afterwards (rather than thinking on a copy) keeps the cache a single buffer.
+        h_thought_BxD, thought_BxS, thought_cache = think(config, qs, params, cache, key)
+        cache = forget_after(thought_cache, cache.length, cache.next_position_B)
+        logits_BxV = mixed_logits(config, params, h_base_BxD, h_thought_BxD)
+    if qs is not None:  # thought tokens are placed, never emitted as text
+        logits_BxV = mask_thought_tokens(logits_BxV, qs)
+    return NextToken(logits_BxV, thought_BxS, cache)
+
+
+def prefill(config: ModelConfig, lm: Params, prompt_BxT: jax.Array, valid_BxT: jax.Array, extra: int):
+    """Runs a left-padded prompt into a fresh cache with room for `extra` more slots."""
+    b, t = prompt_BxT.shape
+    cache = init_cache(config, b, t + extra)
+    h_BxTxD, cache = decode_embeddings(config, lm, embed(config, lm, prompt_BxT), cache, valid_BxT)
+    return h_BxTxD[:, -1], cache
+
+
+def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperature, thinking, forced_BxM=None):
+    """The generation loop; with `forced_BxM` the real tokens are given (scoring), not sampled."""
+    lm = params["lm"] if "lm" in params else params
+    thought_slots = qs.n_ahead if thinking else 0
+    h_last_BxD, cache = prefill(config, lm, prompt_BxT, valid_BxT, steps + thought_slots)
+
+    def one_token(carry, xs):
+        index, forced_B = xs
+        cache, h_last_BxD = carry
+        key = jax.random.fold_in(rng, index)
+        nxt = next_token_logits(config, qs, params, cache, h_last_BxD, key, thinking)
+        if forced_B is None:
+            token_B = sample_tokens(nxt.logits_BxV, jax.random.fold_in(key, REAL_TOKEN_STREAM), temperature)
+        else:
+            token_B = forced_B
+        h_Bx1xD, cache = decode_embeddings(config, lm, embed(config, lm, token_B[:, None]), nxt.cache)
+        return (cache, h_Bx1xD[:, 0]), (token_B, nxt.thought_BxS, nxt.logits_BxV)
+
+    xs = (jnp.arange(steps), None if forced_BxM is None else forced_BxM.T)
+    _, (tokens_MxB, thoughts_MxBxS, logits_MxBxV) = jax.lax.scan(one_token, (cache, h_last_BxD), xs)
+    return tokens_MxB.T, thoughts_MxBxS.transpose(1, 0, 2), logits_MxBxV.transpose(1, 0, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "qs", "max_new_tokens", "temperature", "thinking"))
+def generate(
+    config: ModelConfig,
+    qs: QuietStarConfig | None,
+    params: Params,
+    prompt_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    rng: jax.Array,
+    max_new_tokens: int,
+    temperature: float,
+    thinking: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Samples `max_new_tokens` after left-padded prompts; returns (tokens_BxM, thoughts_BxMxS)."""
+    tokens, thoughts, _ = _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, max_new_tokens,
+                                       temperature, thinking)
+    return tokens, thoughts
+
+
+@functools.partial(jax.jit, static_argnames=("config", "qs", "thinking"))
+def continuation_logits(
+    config: ModelConfig,
+    qs: QuietStarConfig | None,
+    params: Params,
+    prompt_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    continuation_BxM: jax.Array,
+    rng: jax.Array,
+    thinking: bool,
+) -> jax.Array:
+    """Next-token logits_BxMxV before each given continuation token (thinking before each)."""
+    steps = continuation_BxM.shape[1]
+    return _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, 0.0, thinking, continuation_BxM)[2]

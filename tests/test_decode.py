@@ -1,0 +1,53 @@
+"""KV-cache generation, with and without thinking, equals recomputing everything from scratch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decode_reference import reference_generate
+from test_quiet_star import CONFIGS, QS, VOCAB, make_params
+from qstar_jax.decode import generate
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_cached_generation_matches_no_cache_reference(thinking, temperature):
+    config = CONFIGS["mistral_window"]
+    params = make_params(config)
+    prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, VOCAB - 2)
+    rng = jax.random.key(11)
+    tokens, thoughts = generate(config, QS, params, prompt, jnp.ones(prompt.shape, bool), rng, 4, temperature, thinking)
+    ref_tokens, ref_thoughts = reference_generate(config, QS, params, prompt, rng, 4, temperature, thinking)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    if thinking:
+        np.testing.assert_array_equal(thoughts, ref_thoughts)
+        assert thoughts.shape == (2, 4, QS.n_sampled)
+
+
+def test_thinking_changes_predictions_and_left_padding_is_harmless():
+    config = CONFIGS["llama"]
+    params = make_params(config)
+    prompt = jax.random.randint(jax.random.key(2), (1, 6), 0, VOCAB - 2)
+    rng = jax.random.key(3)
+    padded = jnp.concatenate([jnp.zeros((1, 3), prompt.dtype), prompt], axis=1)
+    valid = jnp.concatenate([jnp.zeros((1, 3), bool), jnp.ones((1, 6), bool)], axis=1)
+    a, _ = generate(config, QS, params, prompt, jnp.ones(prompt.shape, bool), rng, 6, 0.0, True)
+    b, _ = generate(config, QS, params, padded, valid, rng, 6, 0.0, True)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_thought_tokens_are_never_generated():
+    config = CONFIGS["llama"]
+    params = make_params(config)
+    lm_head_DxV = params["lm"]["lm_head"]["kernel"]
+    boost = jnp.zeros(lm_head_DxV.shape).at[:, [QS.start_token_id, QS.end_token_id]].set(50.0)
+    params["lm"]["lm_head"]["kernel"] = lm_head_DxV + boost  # the model now loves thought tokens
+    prompt = jnp.arange(5)[None]
+    for thinking in (True, False):
+        tokens, thoughts = generate(config, QS, params, prompt, jnp.ones((1, 5), bool), jax.random.key(0), 8, 1.0, thinking)
+        assert not np.isin(np.asarray(tokens), [QS.start_token_id, QS.end_token_id]).any()
+        if thinking:
+            assert not np.isin(np.asarray(thoughts), [QS.start_token_id, QS.end_token_id]).any()

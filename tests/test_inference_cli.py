@@ -1,0 +1,109 @@
+"""generate / evaluate / analyze on a real (tiny) training run, and periodic evaluation."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from test_tasks import RECORDS, write_jsonl
+from test_train import REPO, assert_ok, metrics, run_train
+from qstar_jax import checkpoint
+from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    csqa = write_jsonl(root / "csqa.jsonl", [RECORDS["csqa"]] * 2)
+    assert_ok(run_train(root / "run", f"--config.eval_tasks=csqa:{csqa}:2"))
+    return root / "run"
+
+
+def cli(module, *args):
+    return subprocess.run([sys.executable, "-m", f"qstar_jax.{module}", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=600)
+
+
+def one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith(("W1", "I1", "WARNING"))]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+
+
+def test_training_runs_the_configured_benchmarks(run_dir):
+    evals = [m for m in metrics(run_dir) if "eval/csqa/soft_score" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    assert all(0.0 < m["eval/csqa/soft_score"] < 1.0 for m in evals)
+
+
+def test_generate_hides_thoughts_unless_asked(run_dir):
+    plain = cli("generate", "--checkpoint", run_dir, "--prompt", "Ava has 3 apples.", "--max-new-tokens", 12)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "\u00ab" not in plain.stdout and START_THOUGHT not in plain.stdout and END_THOUGHT not in plain.stdout
+    shown = cli("generate", "--checkpoint", run_dir, "--prompt", "Ava has 3 apples.", "--max-new-tokens", 4,
+                "--show-thoughts")
+    assert shown.returncode == 0 and shown.stdout.count("\u00ab") == 4, shown.stdout
+    base = cli("generate", "--checkpoint", run_dir, "--prompt", "Ava has 3 apples.", "--no-think", "--max-new-tokens", 4)
+    assert base.returncode == 0 and "\u00ab" not in base.stdout
+
+
+def test_evaluate_cli_and_bad_input(run_dir, tmp_path):
+    data = write_jsonl(tmp_path / "gsm.jsonl", [RECORDS["gsm8k"]] * 2)
+    out = tmp_path / "results.json"
+    result = cli("evaluate", "--checkpoint", run_dir, "--task", "gsm8k", "--data", data, "--cot-votes", 2,
+                 "--cot-tokens", 8, "--output", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(result.stdout.strip().splitlines()[-1])
+    assert saved["examples"] == 2 and 0.0 <= saved["soft_score"] <= 1.0 and "cot_maj@2" in saved
+    one_line_error(cli("evaluate", "--checkpoint", run_dir, "--task", "csqa", "--data", tmp_path / "nope.jsonl"),
+                   "data file not found")
+    one_line_error(cli("evaluate", "--checkpoint", run_dir, "--task", "csqa", "--data", data), "not in the csqa format")
+    one_line_error(cli("evaluate", "--checkpoint", run_dir, "--task", "csqa",
+                       "--data", write_jsonl(tmp_path / "e.jsonl", [])), "no examples")
+
+
+def test_plain_lm_with_think_is_refused(run_dir, tmp_path):
+    config, _, params, tokenizer = checkpoint.load_for_inference(str(run_dir))
+    checkpoint.save_model(str(tmp_path / "plain"), config, params["lm"], tokenizer)
+    one_line_error(cli("generate", "--checkpoint", tmp_path / "plain", "--prompt", "hi"), "has no thought parameters")
+    ok = cli("generate", "--checkpoint", tmp_path / "plain", "--prompt", "Ava has", "--no-think", "--max-new-tokens", 3)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+class _Spans(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.titles = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "span" and "title" in attrs:
+            self.titles.append(attrs["title"])
+
+
+def test_analyze_writes_plot_summary_and_page(run_dir, tmp_path):
+    data = write_jsonl(tmp_path / "heldout.jsonl", [{"text": "Ava has 3 apples and gets 4 more, so 7."}] * 3)
+    result = cli("analyze", "--checkpoint", run_dir, "--data", data, "--output", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "hard_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["documents"] == 3 and len(summary["deciles"]) == 10
+    assert sum(d["tokens"] for d in summary["deciles"]) == summary["tokens"]
+    parser = _Spans()
+    parser.feed((tmp_path / "out" / "thoughts.html").read_text())
+    assert len(parser.titles) == summary["tokens"]
+    assert all(t.startswith("gain ") and "| thought: " in t for t in parser.titles)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:  # where a browser is installed, the page must load without errors
+        page = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                               "--enable-logging=stderr", "--v=0", "--dump-dom",
+                               f"file://{tmp_path / 'out' / 'thoughts.html'}"], capture_output=True, text=True, timeout=120)
+        assert page.returncode == 0 and "Thinking gain per token" in page.stdout
+        assert "Uncaught" not in page.stderr and "CONSOLE" not in page.stderr

@@ -1,0 +1,104 @@
+"""Task formats, prompt construction, answer extraction, soft score and the CoT vote."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qstar_jax.errors import UserError
+from qstar_jax.evaluate import Evaluator, evaluate, majority_vote
+from qstar_jax.model import apply_lm
+from qstar_jax.tasks import extract_number, load_examples
+
+RECORDS = {
+    "gsm8k": {"question": "Tom has 3 cats and gets 4 more. How many?", "answer": "3+4=<<3+4=7>>7\n#### 1,007"},
+    "csqa": {"question": {"stem": "Where do fish live?", "choices": [
+        {"label": "B", "text": "trees"}, {"label": "A", "text": "water"}, {"label": "C", "text": "sky"},
+        {"label": "D", "text": "sand"}, {"label": "E", "text": "desk"}]}, "answerKey": "A"},
+    "piqa": {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+    "siqa": {"context": "Kim helped Lee.", "question": "How does Lee feel?", "answerA": "angry",
+             "answerB": "grateful", "answerC": "sleepy", "label": "2"},
+}
+PROMPTS = {
+    "gsm8k": ("Q: Tom has 3 cats and gets 4 more. How many?\nA:", "1007"),
+    "csqa": ("Q: Where do fish live?\n(A) water\n(B) trees\n(C) sky\n(D) sand\n(E) desk\nA:", "A"),
+    "piqa": ("Q: Open a jar\n(A) twist the lid\n(B) eat the lid\nA:", "A"),
+    "siqa": ("Q: Kim helped Lee. How does Lee feel?\n(A) angry\n(B) grateful\n(C) sleepy\nA:", "B"),
+}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("task", sorted(RECORDS))
+def test_prompts_and_answers(task, tmp_path):
+    examples = load_examples(task, write_jsonl(tmp_path / "d.jsonl", [RECORDS[task]] * 3), limit=2)
+    assert len(examples) == 2
+    assert (examples[0].prompt, examples[0].answer) == PROMPTS[task]
+
+
+@pytest.mark.parametrize("task", sorted(RECORDS))
+def test_bad_files_are_one_clear_error(task, tmp_path):
+    with pytest.raises(UserError, match="data file not found"):
+        load_examples(task, str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match="no examples"):
+        load_examples(task, write_jsonl(tmp_path / "empty.jsonl", []))
+    broken = {k: v for k, v in RECORDS[task].items() if k not in ("answer", "answerKey", "label")}
+    with pytest.raises(UserError, match=f"d.jsonl:1 is not in the {task} format"):
+        load_examples(task, write_jsonl(tmp_path / "d.jsonl", [broken]))
+
+
+def test_extract_number_and_vote():
+    assert extract_number(" the answer is 1,234 apples, not 5") == "1234"
+    assert extract_number("-12.0 degrees") == "-12"
+    assert extract_number("no digits") is None
+    assert majority_vote([" 7.", "I think 9", "7 apples", "none", " 9", "7"]) == "7"
+    assert majority_vote(["x", "y"]) is None
+
+
+class CharTokenizer:
+    """One id per character: the hand computation below needs exact token boundaries."""
+
+    bos_id, eos_id, pad_id = None, 0, 0
+    chars = "\0 abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:?()\n#+=<>-'"
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        return [self.chars.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+def test_soft_score_equals_hand_computation_from_logits(tmp_path):
+    from test_quiet_star import make_params
+    from qstar_jax.config import ModelConfig, QuietStarConfig
+
+    tok = CharTokenizer()
+    vocab = tok.vocab_size + 2
+    config = ModelConfig("llama", vocab, 32, 64, 2, 4, 2, 8)
+    qs = QuietStarConfig(n_ahead=4, start_token_id=vocab - 2, end_token_id=vocab - 1)
+    params = make_params(config, qs)
+    examples = load_examples("piqa", write_jsonl(tmp_path / "p.jsonl", [RECORDS["piqa"]]))
+    result = evaluate(Evaluator(config, qs, params, tok, False), "piqa", examples)
+    logp = []
+    for letter in "AB":
+        ids = tok.encode(examples[0].prompt + " " + letter)
+        logits = apply_lm(config, params["lm"], jnp.asarray([ids]))[0]
+        lp = jax.nn.log_softmax(logits, -1)
+        n = len(tok.encode(examples[0].prompt))
+        logp.append(float(lp[n - 1, ids[n]] + lp[n, ids[n + 1]]))  # " " then the letter
+    expected = np.exp(logp[0] - np.logaddexp(*logp))
+    assert result["soft_score"] == pytest.approx(expected, abs=1e-5)
+    assert result["accuracy"] == float(logp[0] > logp[1])
+    thinking = evaluate(Evaluator(config, qs, params, tok, True), "piqa", examples)
+    assert 0 < thinking["soft_score"] < 1 and thinking["soft_score"] != pytest.approx(expected, abs=1e-6)
