@@ -2,6 +2,7 @@
 
     python -m qstar_jax.convert --hf-checkpoint HF_DIR --output MODEL_DIR [--dtype bfloat16]
     python -m qstar_jax.convert --to-hf --checkpoint MODEL_DIR --output HF_DIR [--dtype float32]
+    python -m qstar_jax.convert --gguf FILE.gguf --output MODEL_DIR      (llama.cpp files, dequantised)
 
 The tokenizer files travel along in both directions when present.
 """
@@ -11,16 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 from qstar_jax import checkpoint, hf
 from qstar_jax.config import SUPPORTED_DTYPES
 from qstar_jax.errors import exit_on_user_error
+from qstar_jax.gguf_io import load_gguf_model, write_tokenizer
 from qstar_jax.tokenizer import has_tokenizer, load_tokenizer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qstar_jax.convert", description=__doc__.splitlines()[0])
     parser.add_argument("--hf-checkpoint", help="HF model directory to read (config.json + safetensors)")
+    parser.add_argument("--gguf", help="llama-architecture GGUF file to read (dequantised)")
     parser.add_argument("--to-hf", action="store_true", help="export a qstar_jax model directory as HF")
     parser.add_argument("--checkpoint", help="qstar_jax model directory to read (with --to-hf)")
     parser.add_argument("--output", required=True, help="directory to write")
@@ -28,8 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.to_hf and not args.checkpoint:
         parser.error("--to-hf needs --checkpoint MODEL_DIR")
-    if not args.to_hf and not args.hf_checkpoint:
-        parser.error("give --hf-checkpoint HF_DIR (or --to-hf --checkpoint MODEL_DIR)")
+    if not args.to_hf and not (args.hf_checkpoint or args.gguf):
+        parser.error("give --hf-checkpoint HF_DIR, --gguf FILE, or --to-hf --checkpoint MODEL_DIR")
     return args
 
 
@@ -39,6 +43,15 @@ def hf_to_model_dir(hf_dir: str, output: str, dtype: str | None) -> None:
     checkpoint.save_model(output, config, params, tokenizer)
     print(f"wrote {config.model_type} model ({config.num_layers} layers, vocab {config.vocab_size}, "
           f"{config.param_dtype}) to {output}")
+
+
+def gguf_to_model_dir(gguf_file: str, output: str, dtype: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        config, params, reader = load_gguf_model(gguf_file, param_dtype=dtype or "float32")
+        write_tokenizer(reader, tokenizer_dir)
+        checkpoint.save_model(output, config, params, load_tokenizer(tokenizer_dir))
+    print(f"wrote {config.model_type} model ({config.num_layers} layers, vocab {config.vocab_size}) from {gguf_file} "
+          f"to {output}")
 
 
 def model_dir_to_hf(model_dir: str, output: str, dtype: str | None) -> None:
@@ -55,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.to_hf:
         model_dir_to_hf(args.checkpoint, args.output, args.dtype)
+    elif args.gguf:
+        gguf_to_model_dir(args.gguf, args.output, args.dtype)
     else:
         hf_to_model_dir(args.hf_checkpoint, args.output, args.dtype)
 

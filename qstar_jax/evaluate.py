@@ -150,7 +150,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qstar_jax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="training workdir or model directory")
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--data", required=True, help="JSONL file in the task's public layout")
+    parser.add_argument("--data", required=True, help="JSONL file in the task's public layout, or tfds:NAME/SPLIT")
+    parser.add_argument("--tfds-data-dir", help="where tfds datasets are prepared (with --data tfds:...)")
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--cot-votes", type=int, default=0, help="GSM8K chain-of-thought majority vote over K samples")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.set_verbosity(logging.ERROR)
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    examples = load_examples(args.task, args.data, args.limit)
+    examples = load_examples(args.task, args.data, args.limit, args.tfds_data_dir)
     config, qs, params, tokenizer = load_for_inference(args.checkpoint)
     if args.think and qs is None:
         raise UserError(f"{args.checkpoint} has no thought parameters (a plain LM); use --no-think")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -190,32 +190,50 @@ def read_hf_config(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def params_from_hf_tensors(
+    config: ModelConfig, names: Iterable[str], read: Callable[[str], np.ndarray], source: str
+) -> Params:
+    """Builds params from tensors under HF names (`read(name)` -> array), checking them all.
+
+    Shared by the safetensors and GGUF readers: every source is first put in HF naming.
+    """
+    names = set(names)
+    shapes = _abstract_params(config)
+    entries = list(_entries(config, shapes))
+    expected = {
+        hf_name.format(i=i)
+        for hf_name, _, _, per_layer in entries
+        for i in (range(config.num_layers) if per_layer else [None])
+    }
+    missing = sorted(expected - names)
+    if missing:
+        raise UserError(f"checkpoint {source} lacks tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    unexpected = sorted(
+        name
+        for name in names - expected
+        if not name.endswith(IGNORED_SUFFIXES) and not (config.tie_word_embeddings and name == "lm_head.weight")
+    )
+    if unexpected:
+        raise UserError(
+            f"checkpoint {source} has tensors this {config.model_type} config does not use: {', '.join(unexpected[:8])}"
+        )
+    params: Params = {}
+    dtype = jnp.dtype(config.param_dtype)
+    for hf_name, path_, transform, per_layer in entries:
+        layer_names = [hf_name.format(i=i) for i in range(config.num_layers)] if per_layer else [hf_name]
+        arrays = [_to_flax(read(name), transform) for name in layer_names]
+        array = np.stack(arrays) if per_layer else arrays[0]
+        want = _get_path(shapes, path_).shape
+        if array.shape != want:
+            raise UserError(f"tensor {hf_name} has shape {array.shape} after mapping, expected {want}")
+        _set_path(params, path_, jnp.asarray(array, dtype=dtype))
+    return params
+
+
 def load_hf_model(path: str, param_dtype: str = "float32") -> tuple[ModelConfig, Params]:
     """Reads a HF model directory into (ModelConfig, params) with params in `param_dtype`."""
     config = config_from_hf(read_hf_config(path), param_dtype=param_dtype)
     files = _tensor_files(path)
-    shapes = _abstract_params(config)
-    entries = list(_entries(config, shapes))
-    expected = {
-        hf_name.format(i=i): hf_name
-        for hf_name, _, _, per_layer in entries
-        for i in (range(config.num_layers) if per_layer else [None])
-    }
-    missing = sorted(name for name in expected if name not in files)
-    if missing:
-        raise UserError(f"checkpoint {path} lacks tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-    unexpected = sorted(
-        name
-        for name in files
-        if name not in expected
-        and not name.endswith(IGNORED_SUFFIXES)
-        and not (config.tie_word_embeddings and name == "lm_head.weight")
-    )
-    if unexpected:
-        raise UserError(
-            f"checkpoint {path} has tensors this {config.model_type} config does not use: {', '.join(unexpected[:8])}"
-        )
-
     handles: dict[str, Any] = {}
 
     def read(name: str) -> np.ndarray:
@@ -224,17 +242,7 @@ def load_hf_model(path: str, param_dtype: str = "float32") -> tuple[ModelConfig,
             handles[file] = safe_open(file, framework="np")
         return handles[file].get_tensor(name)
 
-    params: Params = {}
-    dtype = jnp.dtype(param_dtype)
-    for hf_name, path_, transform, per_layer in entries:
-        names = [hf_name.format(i=i) for i in range(config.num_layers)] if per_layer else [hf_name]
-        arrays = [_to_flax(read(name), transform) for name in names]
-        array = np.stack(arrays) if per_layer else arrays[0]
-        want = _get_path(shapes, path_).shape
-        if array.shape != want:
-            raise UserError(f"tensor {hf_name} has shape {array.shape} after mapping, expected {want}")
-        _set_path(params, path_, jnp.asarray(array, dtype=dtype))
-    return config, params
+    return config, params_from_hf_tensors(config, files, read, path)
 
 
 def save_hf_model(config: ModelConfig, params: Params, path: str, dtype: str | None = None) -> None:

@@ -68,24 +68,63 @@ def _parse(task: str, record: dict[str, Any]) -> Example:
     raise UserError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
-def load_examples(task: str, path: str, limit: int = 0) -> list[Example]:
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+TFDS_PREFIX = "tfds:"
+
+
+def _plain(value: Any) -> Any:
+    """tfds records hold bytes, numpy scalars and dicts of lists; make them JSON-like."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, dict):
+        value = {k: _plain(v) for k, v in value.items()}
+        if value and all(isinstance(v, list) for v in value.values()):  # Sequence({...}) -> list of dicts
+            return [dict(zip(value, row)) for row in zip(*value.values())] if "label" in value else value
+        return value
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _records(path: str, data_dir: str | None):
+    """(location, record) pairs from a JSONL file or from "tfds:NAME/SPLIT" in `data_dir`."""
+    if path.startswith(TFDS_PREFIX):
+        import tensorflow_datasets as tfds
+
+        name, _, split = path[len(TFDS_PREFIX):].partition("/")
+        try:
+            source = tfds.data_source(name, split=split or "test", data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises many types for "not prepared here"
+            raise UserError(f"tfds dataset {name!r} is not prepared in {data_dir}: {str(e).splitlines()[0]}") from None
+        for i in range(len(source)):
+            yield f"{path}[{i}]", _plain(source[i])
+        return
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
-    examples = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                examples.append(_parse(task, json.loads(line)))
+                yield f"{path}:{line_number}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
-            except (KeyError, ValueError, TypeError, IndexError) as e:
-                raise UserError(f"{path}:{line_number} is not in the {task} format (missing or bad {e})") from None
-            if limit and len(examples) >= limit:
-                break
+
+
+def load_examples(task: str, path: str, limit: int = 0, data_dir: str | None = None) -> list[Example]:
+    """Examples from a JSONL file in the task's public layout, or "tfds:NAME/SPLIT" (prepared
+    in `data_dir`) whose records use the same field names."""
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    examples = []
+    for where, record in _records(path, data_dir):
+        try:
+            examples.append(_parse(task, record))
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise UserError(f"{where} is not in the {task} format (missing or bad {e})") from None
+        if limit and len(examples) >= limit:
+            break
     if not examples:
         raise UserError(f"no examples in {path}")
     return examples

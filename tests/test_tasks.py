@@ -102,3 +102,15 @@ def test_soft_score_equals_hand_computation_from_logits(tmp_path):
     assert result["accuracy"] == float(logp[0] > logp[1])
     thinking = evaluate(Evaluator(config, qs, params, tok, True), "piqa", examples)
     assert 0 < thinking["soft_score"] < 1 and thinking["soft_score"] != pytest.approx(expected, abs=1e-6)
+
+
+def test_tfds_task_source(tmp_path):
+    from tfds_local import TinyPiqa, prepare
+
+    prepare(TinyPiqa, str(tmp_path))
+    examples = load_examples("piqa", "tfds:tiny_piqa/validation", data_dir=str(tmp_path))
+    by_goal = {e.prompt.split("\n")[0]: e for e in examples}  # tfds stores records in hashed order
+    assert {g: e.answer for g, e in by_goal.items()} == {"Q: Goal 0": "A", "Q: Goal 1": "B", "Q: Goal 2": "A"}
+    assert by_goal["Q: Goal 1"].prompt == "Q: Goal 1\n(A) do it\n(B) do not\nA:"
+    with pytest.raises(UserError, match="is not prepared"):
+        load_examples("piqa", "tfds:tiny_piqa/validation", data_dir=str(tmp_path / "elsewhere"))
