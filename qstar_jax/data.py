@@ -35,33 +35,42 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # ------------------------------------------------------------------------ default corpus
 
 
-def default_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
-    """Short arithmetic stories whose answers follow from stated steps.
+def arithmetic_problems(num_problems: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short arithmetic stories as GSM8K-format records (question, answer with "#### N").
 
-    Deterministic given the seed. The numbers make some tokens hard (the results) and
-    others easy (the template), which is what Quiet-STaR's thinking is meant to help.
+    Deterministic given the seed, so held-out problems are just another seed.
     """
     rng = random.Random(seed)
     names = ["Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June"]
     things = ["apples", "books", "coins", "shells", "stamps", "marbles", "pens", "cards"]
-    documents = []
-    for _ in range(num_documents):
+    problems = []
+    for _ in range(num_problems):
         name, other = rng.sample(names, 2)
         thing = rng.choice(things)
         a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
         kind = rng.randrange(3)
         if kind == 0:
-            text = (f"{name} has {a} {thing}. {other} gives {name} {b} more. "
-                    f"{a} plus {b} is {a + b}, so {name} now has {a + b} {thing}.")
+            question = f"{name} has {a} {thing}. {other} gives {name} {b} more. How many {thing} does {name} have now?"
+            steps, result = f"{a} plus {b} is {a + b}", a + b
         elif kind == 1:
-            text = (f"{name} packs {c} boxes with {a} {thing} in each box. "
-                    f"{c} times {a} is {c * a}, so there are {c * a} {thing} in all.")
+            question = f"{name} packs {c} boxes with {a} {thing} in each box. How many {thing} are there in all?"
+            steps, result = f"{c} times {a} is {c * a}", c * a
         else:
-            big = a + b
-            text = (f"{name} had {big} {thing} and gave {b} to {other}. "
-                    f"{big} minus {b} is {a}, so {name} keeps {a} {thing}.")
-        documents.append(text)
-    return documents
+            question = f"{name} had {a + b} {thing} and gave {b} to {other}. How many {thing} does {name} keep?"
+            steps, result = f"{a + b} minus {b} is {a}", a
+        problems.append({"question": question, "answer": f"{steps}, so the answer is {result}.\n#### {result}"})
+    return problems
+
+
+def default_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
+    """The embedded training text: each arithmetic problem with its worked answer.
+
+    The numbers make some tokens hard (the results) and others easy (the template),
+    which is what Quiet-STaR's thinking is meant to help with.
+    """
+    return [
+        f"{p['question']} {p['answer'].split(chr(10))[0]}" for p in arithmetic_problems(num_documents, seed)
+    ]
 
 
 # ------------------------------------------------------------------------------ sources
@@ -196,3 +205,22 @@ def split_documents(documents: list[str], eval_documents: int) -> tuple[list[str
         raise UserError(f"data.eval_documents={eval_documents} leaves no training documents "
                         f"(dataset has {len(documents)})")
     return documents[:-eval_documents], documents[-eval_documents:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Writes held-out arithmetic problems as GSM8K-format JSONL (for qstar_jax.evaluate)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m qstar_jax.data", description=main.__doc__)
+    parser.add_argument("--write-problems", required=True, metavar="FILE")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1, help="the training corpus uses data.default_seed (0)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    with open(args.write_problems, "w") as f:
+        for problem in arithmetic_problems(args.count, args.seed):
+            f.write(json.dumps(problem) + "\n")
+
+
+if __name__ == "__main__":
+    main()

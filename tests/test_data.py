@@ -69,3 +69,17 @@ def test_windows_are_a_pure_function_of_step_and_row():
     assert all(np.array_equal(row, np.arange(row[0], row[0] + 16)) for row in a)  # contiguous crops
     with pytest.raises(UserError, match="fewer than one window"):
         data.WindowSampler(np.arange(10, dtype=np.int32), seq_len=16, seed=0)
+
+
+def test_held_out_problems_are_gsm8k_records(tmp_path):
+    from qstar_jax.tasks import load_examples
+
+    path = tmp_path / "problems.jsonl"
+    data.main(["--write-problems", str(path), "--count", "20", "--seed", "7"])
+    examples = load_examples("gsm8k", str(path))
+    assert len(examples) == 20
+    for example, problem in zip(examples, data.arithmetic_problems(20, seed=7)):
+        assert example.prompt == f"Q: {problem['question']}\nA:"
+        assert f"is {example.answer}, so the answer is {example.answer}." in problem["answer"]
+    assert data.arithmetic_problems(20, seed=7) != data.arithmetic_problems(20, seed=0)
+    assert all(text.endswith(".") and "so the answer is" in text for text in data.default_corpus(10))
