@@ -28,6 +28,9 @@ def _fields(cls, skip=()) -> dict:
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # "quiet_star", or "lm": plain next-token training of the same LM (no thought tokens):
+    # base-model pretraining, the paper's continued-training control, distilled students.
+    config.method = "quiet_star"
     # Where the LM comes from: "" = random init from `model` below; else a qstar_jax model
     # directory (python -m qstar_jax.convert ...) or a Hugging Face checkpoint directory.
     config.init_from = ""

@@ -173,7 +173,8 @@ def load_for_inference(path: str):
         state, meta = ckpt.restore_on_one_device(step)
         ckpt.close()
         config = ModelConfig.from_dict(meta["model_config"])
-        return config, QuietStarConfig(**meta["quiet_star"]), state["params"], load_model_tokenizer(path)
+        qs = None if meta["quiet_star"] is None else QuietStarConfig(**meta["quiet_star"])
+        return config, qs, state["params"], load_model_tokenizer(path)
     if is_model_dir(path):
         config, params = load_model(path)
         return config, None, params, load_model_tokenizer(path)

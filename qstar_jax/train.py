@@ -30,7 +30,7 @@ from qstar_jax.evaluate import Evaluator
 from qstar_jax.evaluate import evaluate as evaluate_examples
 from qstar_jax.metrics_log import MetricsLog
 from qstar_jax.model import Params, grow_vocab, init_params
-from qstar_jax.quiet_star import init_quiet_star_params, quiet_star_loss
+from qstar_jax.quiet_star import init_quiet_star_params
 from qstar_jax.tasks import load_examples
 from qstar_jax.tokenizer import Tokenizer, add_thought_tokens, load_tokenizer, train_bpe_tokenizer
 from qstar_jax.train_step import (
@@ -38,6 +38,7 @@ from qstar_jax.train_step import (
     TrainState,
     init_train_state,
     learning_rate_schedule,
+    loss_fn_for,
     make_optimizer,
     train_step,
 )
@@ -116,8 +117,8 @@ def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer
     return model_config, qs, params
 
 
-def run_meta(model_config: ModelConfig, qs: QuietStarConfig) -> dict[str, Any]:
-    return {"model_config": model_config.to_dict(), "quiet_star": qs.__dict__.copy()}
+def run_meta(model_config: ModelConfig, qs: QuietStarConfig | None) -> dict[str, Any]:
+    return {"model_config": model_config.to_dict(), "quiet_star": None if qs is None else qs.__dict__.copy()}
 
 
 # ----------------------------------------------------------------------------------- data
@@ -151,13 +152,13 @@ class Batches:
 # --------------------------------------------------------------------------------- train
 
 
-def abstract_and_shardings(model_config, qs, params_fn, optimizer, mesh):
+def abstract_and_shardings(params_fn, optimizer, mesh):
     abstract_state = jax.eval_shape(lambda: init_train_state(params_fn(), optimizer, jax.random.key(0)))
     return abstract_state, sharding.state_shardings(abstract_state, optimizer, mesh)
 
 
 def compile_step(model_config, qs, optimizer, state_shardings, batch_sharding):
-    step = functools.partial(train_step, model_config=model_config, qs=qs, optimizer=optimizer)
+    step = functools.partial(train_step, loss_fn=loss_fn_for(model_config, qs), optimizer=optimizer)
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_sharding, batch_sharding),
@@ -169,7 +170,6 @@ def compile_step(model_config, qs, optimizer, state_shardings, batch_sharding):
 def preflight(model_config, qs, optimizer, mesh, cfg) -> dict[str, float]:
     """AOT-compiles the train step on abstract inputs and returns its per-device memory (GB)."""
     abstract_state, shardings = abstract_and_shardings(
-        model_config, qs,
         lambda: init_quiet_star_params(model_config, qs, init_params(model_config, jax.random.key(0)),
                                        jnp.zeros((model_config.hidden_size,)), jax.random.key(1)),
         optimizer, mesh,
@@ -265,9 +265,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     documents = data.load_documents(cfg.data)
     train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_documents)
     os.makedirs(workdir, exist_ok=True)
-    model_config, lm_params, tokenizer = load_base_model(cfg, train_docs, workdir)
-    model_config, qs, params = add_thoughts(model_config, lm_params, tokenizer, cfg)
-    del lm_params
+    model_config, params, tokenizer = load_base_model(cfg, train_docs, workdir)
+    if cfg.method == "quiet_star":
+        model_config, qs, params = add_thoughts(model_config, params, tokenizer, cfg)
+    elif cfg.method == "lm":
+        qs = None
+    else:
+        raise UserError(f"method must be 'quiet_star' or 'lm', got {cfg.method!r}")
     sampler = data.WindowSampler(data.token_stream(train_docs, tokenizer), cfg.data.seq_len, cfg.seed)
     batches = Batches(sampler, cfg.grad_accum, cfg.batch_size, mesh)
     eval_batches = []
@@ -279,7 +283,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     task_sets = parse_eval_tasks(cfg.eval_tasks)
     meta = run_meta(model_config, qs)
     ckpt = TrainCheckpointsWithMeta(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, meta)
-    abstract_state, state_shardings = abstract_and_shardings(model_config, qs, lambda: params, optimizer, mesh)
+    abstract_state, state_shardings = abstract_and_shardings(lambda p=params: p, optimizer, mesh)
     start_step = ckpt.latest_step()
     if start_step is None:
         state = jax.jit(lambda p: init_train_state(p, optimizer, jax.random.key(cfg.seed)),
@@ -292,7 +296,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     checkpoint.save_model_files(workdir, model_config, tokenizer)  # for evaluate / generate
 
     step_fn = compile_step(model_config, qs, optimizer, state_shardings, batches.sharding)
-    eval_fn = jax.jit(lambda p, t, v: quiet_star_loss(model_config, qs, p, t, v, jax.random.key(cfg.seed + 2))[1])
+    eval_loss = loss_fn_for(model_config, qs)
+    eval_fn = jax.jit(lambda p, t, v: eval_loss(p, t, v, jax.random.key(cfg.seed + 2))[1])
     log = MetricsLog(workdir, cfg.steps, start_step, cfg.wandb_project, cfg.to_dict())
     preempted = Preemption()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
@@ -320,7 +325,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
             if eval_batches:
                 log.write(step, {f"eval/{k}": v for k, v in evaluate(eval_fn, state, eval_batches).items()})
             if task_sets:
-                log.write(step, evaluate_tasks(Evaluator(model_config, qs, state.params, tokenizer, True), task_sets))
+                evaluator = Evaluator(model_config, qs, state.params, tokenizer, qs is not None)
+                log.write(step, evaluate_tasks(evaluator, task_sets))
         if want_save:
             ckpt.save(step, state)
             if preempted.requested:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from qstar_jax.config import ModelConfig, QuietStarConfig
-from qstar_jax.model import Params
+from qstar_jax.model import Params, next_token_loss
 from qstar_jax.quiet_star import quiet_star_loss
 
 
@@ -91,20 +91,28 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation, rn
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def loss_fn_for(model_config: ModelConfig, qs: QuietStarConfig | None) -> LossFn:
+    """(params, tokens, valid, rng) -> (loss, metrics): Quiet-STaR, or plain next-token NLL
+    when `qs` is None (base-model pretraining, control runs, distilled students)."""
+    if qs is None:
+        return lambda p, t, v, r: next_token_loss(model_config, p, t, v)
+    return lambda p, t, v, r: quiet_star_loss(model_config, qs, p, t, v, r)
+
+
 def train_step(
     state: TrainState,
     tokens_AxBxN: jax.Array,
     valid_AxBxN: jax.Array,
     *,
-    model_config: ModelConfig,
-    qs: QuietStarConfig,
+    loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from A accumulated micro-batches of B sequences of N tokens."""
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(
-        lambda p, t, v, r: quiet_star_loss(model_config, qs, p, t, v, r), has_aux=True
-    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro(carry, xs):
         grads_sum, metrics_sum = carry
@@ -130,7 +138,8 @@ def train_step(
     return new_state, metrics
 
 
-def make_train_step(model_config: ModelConfig, qs: QuietStarConfig, optimizer: optax.GradientTransformation, **jit_kwargs):
-    """`train_step` bound to its configs, jitted with the state donated."""
-    step = functools.partial(train_step, model_config=model_config, qs=qs, optimizer=optimizer)
+def make_train_step(model_config: ModelConfig, qs: QuietStarConfig | None, optimizer: optax.GradientTransformation,
+                    **jit_kwargs):
+    """`train_step` bound to its loss and optimizer, jitted with the state donated."""
+    step = functools.partial(train_step, loss_fn=loss_fn_for(model_config, qs), optimizer=optimizer)
     return jax.jit(step, donate_argnums=(0,), **jit_kwargs)

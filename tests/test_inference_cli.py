@@ -107,3 +107,16 @@ def test_analyze_writes_plot_summary_and_page(run_dir, tmp_path):
                                f"file://{tmp_path / 'out' / 'thoughts.html'}"], capture_output=True, text=True, timeout=120)
         assert page.returncode == 0 and "Thinking gain per token" in page.stdout
         assert "Uncaught" not in page.stderr and "CONSOLE" not in page.stderr
+
+
+def test_plain_lm_training_method(tmp_path):
+    """method=lm trains the LM alone (no thought tokens): usable with --no-think, refused with --think."""
+    result = run_train(tmp_path / "lm", "--config.method=lm")
+    assert_ok(result)
+    losses = [m["loss"] for m in metrics(tmp_path / "lm") if "loss" in m]
+    assert losses[-1] < losses[0]
+    config, qs, params, tokenizer = checkpoint.load_for_inference(str(tmp_path / "lm"))
+    assert qs is None and "thought" not in params and config.vocab_size == tokenizer.vocab_size
+    one_line_error(cli("generate", "--checkpoint", tmp_path / "lm", "--prompt", "Ava"), "has no thought parameters")
+    ok = cli("generate", "--checkpoint", tmp_path / "lm", "--prompt", "Ava has", "--no-think", "--max-new-tokens", 3)
+    assert ok.returncode == 0, ok.stderr[-2000:]
