@@ -216,3 +216,13 @@ def test_logit_chunking_does_not_change_results():
     np.testing.assert_array_equal(whole.sampled_SxBxPxN, chunked.sampled_SxBxPxN)
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_layer_remat_and_unroll_do_not_change_gradients():
+    config = CONFIGS["llama"]
+    params = make_params(config)
+    tokens, valid = make_batch()
+    grad = lambda c: jax.grad(lambda p: quiet_star_loss(c, QS, p, tokens, valid, jax.random.key(5))[0])(params)
+    plain = grad(config)
+    for variant in (config.replace(remat=True), config.replace(scan_unroll=2)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad(variant), plain)

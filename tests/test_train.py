@@ -192,3 +192,12 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
 def test_paper_config_fails_fast_without_the_checkpoint(tmp_path):
     result = run_train(tmp_path, config="experiments/mistral_owm.py")
     _one_line_error(result, "init_from directory does not exist: checkpoints/mistral-7b-v0.1")
+
+
+def test_preflight_reports_per_device_memory(tmp_path):
+    result = run_train(tmp_path, "--preflight", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                       "--config.model.remat=True", "--config.preflight_vocab_size=302", devices=4)
+    assert_ok(result)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert 0 < report["argument_gb_per_device"] <= report["peak_gb_per_device"]
