@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from qstar_jax.config import ModelConfig
+from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError
 from qstar_jax.model import Params, init_params
 from qstar_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
@@ -162,8 +162,6 @@ def load_for_inference(path: str):
     A training workdir (the `--workdir` of qstar_jax.train) gives its newest checkpoint
     with thought parameters; a model directory (qstar_jax.convert) gives a plain LM.
     """
-    from qstar_jax.config import QuietStarConfig
-
     checkpoints_dir = os.path.join(path, "checkpoints")
     if os.path.isdir(checkpoints_dir):
         ckpt = TrainCheckpoints(checkpoints_dir, keep=1_000_000)

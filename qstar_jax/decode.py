@@ -26,6 +26,11 @@ from qstar_jax.quiet_star import mask_thought_tokens, mixing_head_module, sample
 REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought steps use 1, 2, ...
 
 
+def _lm(params: Params) -> Params:
+    """The LM's params, from Quiet-STaR params or from a plain LM's own."""
+    return params["lm"] if "lm" in params else params
+
+
 def sample_tokens(logits_BxV: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
     """Greedy for temperature <= 0, else a sample from softmax(logits / temperature)."""
     if temperature <= 0:
@@ -81,7 +86,7 @@ class NextToken(NamedTuple):
 
 def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, key, thinking: bool) -> NextToken:
     """Logits for the next real token: base, or mixed after one thought."""
-    lm = params["lm"] if "lm" in params else params
+    lm = _lm(params)
     if not thinking:
         logits_BxV = lm_head(config, lm, h_base_BxD)
         thought_BxS = jnp.zeros((h_base_BxD.shape[0], 0), jnp.int32)
@@ -106,7 +111,7 @@ def prefill(config: ModelConfig, lm: Params, prompt_BxT: jax.Array, valid_BxT: j
 
 def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperature, thinking, forced_BxM=None):
     """The generation loop; with `forced_BxM` the real tokens are given (scoring), not sampled."""
-    lm = params["lm"] if "lm" in params else params
+    lm = _lm(params)
     thought_slots = qs.n_ahead if thinking else 0
     h_last_BxD, cache = prefill(config, lm, prompt_BxT, valid_BxT, steps + thought_slots)
 

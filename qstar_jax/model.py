@@ -315,14 +315,20 @@ def apply_lm(
     return forward(config, params, jnp.asarray(tokens_BxL), positions_BxL, valid_BxL)[0]
 
 
+def token_logp(logits_xV: jax.Array, tokens_x: jax.Array) -> jax.Array:
+    """log softmax(logits)[token], picked with a one-hot compare rather than a gather:
+    its gradient is then elementwise, not a scatter (scatters are slow on CPU)."""
+    vocab_V = jnp.arange(logits_xV.shape[-1])
+    picked_x = jnp.sum(jnp.where(vocab_V == tokens_x[..., None], logits_xV, 0.0), axis=-1)
+    return picked_x - jax.nn.logsumexp(logits_xV, axis=-1)
+
+
 def next_token_loss(
     config: ModelConfig, params: Params, tokens_BxT: jax.Array, valid_BxT: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Plain language-model loss: mean NLL of each real token given the real ones before it."""
     logits_BxTxV, _ = forward(config, params, tokens_BxT, None, valid_BxT)
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
-    vocab_V = jnp.arange(logits_BxTxV.shape[-1])
-    picked_BxT = jnp.sum(jnp.where(vocab_V == tokens_BxT[:, 1:, None], logp_BxTxV, 0.0), axis=-1)
+    picked_BxT = token_logp(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
     mask_BxT = valid_BxT[:, 1:] & valid_BxT[:, :-1]
     nll = -jnp.sum(jnp.where(mask_BxT, picked_BxT, 0.0)) / jnp.maximum(mask_BxT.sum(), 1)
     return nll, {"loss": nll, "nll_base": nll}

@@ -38,6 +38,7 @@ from qstar_jax.model import (
     Transformer,
     masked_attention,
     positions_from_valid,
+    token_logp,
 )
 from qstar_jax.errors import UserError
 
@@ -231,14 +232,6 @@ def _shift_left(x_BxN: jax.Array, shift: int, fill) -> jax.Array:
     return jnp.concatenate([x_BxN[:, shift:], pad], axis=1)
 
 
-def _token_logp(logits_xV: jax.Array, tokens_x: jax.Array) -> jax.Array:
-    """log softmax(logits)[token], picked with a one-hot compare rather than a gather:
-    its gradient is then elementwise, not a scatter (scatters are slow on CPU)."""
-    vocab_V = jnp.arange(logits_xV.shape[-1])
-    picked_x = jnp.sum(jnp.where(vocab_V == tokens_x[..., None], logits_xV, 0.0), axis=-1)
-    return picked_x - jax.nn.logsumexp(logits_xV, axis=-1)
-
-
 def mask_thought_tokens(logits_xV: jax.Array, qs: QuietStarConfig) -> jax.Array:
     """Start/end tokens are never sampled (they are placed, not predicted)."""
     vocab_V = jnp.arange(logits_xV.shape[-1])
@@ -343,7 +336,7 @@ def rollout(
     chunk = qs.logits_chunk_rows
 
     def target_logp(h_RxD, target_R):
-        return _token_logp(lm_logits(h_RxD), target_R)
+        return token_logp(lm_logits(h_RxD), target_R)
 
     # Step 0: the base pass, keeping every layer's keys and values.
     positions_BxN = positions_from_valid(valid_BxN)
@@ -382,7 +375,7 @@ def rollout(
             sampled_R = sample_thought_tokens(jax.lax.stop_gradient(logits_RxV), uniform_R, qs.thought_temperature)
         else:
             sampled_R = forced_R
-        return sampled_R, _token_logp(logits_RxV / qs.reinforce_temperature, sampled_R)
+        return sampled_R, token_logp(logits_RxV / qs.reinforce_temperature, sampled_R)
 
     @maybe_remat
     def sample_step(carry, xs):

@@ -138,15 +138,15 @@ class Batches:
             raise UserError(f"micro-batch of {self.micro} sequences does not split over data x fsdp = {width}")
 
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
-        def build(index, valid: bool):
+        def tokens(index):
             acc, rows, _ = (range(*s.indices(n)) for s, n in zip(index, self.shape))
-            tokens = np.stack([self.sampler.batch(step, [a * self.micro + r for r in rows])[0] for a in acc])
-            return np.ones(tokens.shape, bool) if valid else tokens
+            return np.stack([self.sampler.batch(step, [a * self.micro + r for r in rows])[0] for a in acc])
 
-        make = lambda valid: jax.make_array_from_callback(
-            self.shape, self.sharding, functools.partial(build, valid=valid)
-        )
-        return make(False), make(True)
+        def valid(index):  # windows never run past the stream: every token is real
+            return np.ones(tuple(len(range(*s.indices(n))) for s, n in zip(index, self.shape)), bool)
+
+        return (jax.make_array_from_callback(self.shape, self.sharding, tokens),
+                jax.make_array_from_callback(self.shape, self.sharding, valid))
 
 
 # --------------------------------------------------------------------------------- train
