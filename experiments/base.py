@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     # tokenizer of `tokenizer_vocab_size` trained on the training documents.
     config.tokenizer = ""
     config.tokenizer_vocab_size = 512
+    config.tokenizer_type = "bpe"  # for a trained tokenizer: "bpe" (byte-level) or "word" (one id per word)
     # Architecture for a random init (init_from=""); vocab and BOS/EOS come from the tokenizer.
     architecture = dict(model_type="llama", hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16)
@@ -48,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(_fields(OptimizerConfig))
     config.data = ml_collections.ConfigDict(
         dict(
-            source="default",  # "default" | "files" | "tfds"
+            source="default",  # "default" | "files" | "toy_reasoning" | "tfds"
             path="",  # files: directory or file; tfds: data_dir
             tfds_name="",
             split="train",
@@ -58,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
             default_seed=0,
             seq_len=256,
             eval_documents=100,  # held out from the end of the document list
+            # source="toy_reasoning": problems, their seed, the share written out with working
+            toy=dict(problems=20000, seed=0, explicit_fraction=0.5, num_ops=5),
         )
     )
     config.batch_size = 8  # sequences per optimizer step (global, all hosts)

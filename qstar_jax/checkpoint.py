@@ -156,24 +156,31 @@ class TrainCheckpoints:
 # -------------------------------------------------------------------------------- inference
 
 
-def load_for_inference(path: str):
+def load_for_inference(path: str, step: int | None = None):
     """(model config, QuietStarConfig or None, params, tokenizer) from a run or a model directory.
 
-    A training workdir (the `--workdir` of qstar_jax.train) gives its newest checkpoint
-    with thought parameters; a model directory (qstar_jax.convert) gives a plain LM.
+    A training workdir (the `--workdir` of qstar_jax.train) gives its checkpoint at `step`
+    (default: the newest), with thought parameters if it trained them; a model directory
+    (qstar_jax.convert) gives a plain LM.
     """
     checkpoints_dir = os.path.join(path, "checkpoints")
     if os.path.isdir(checkpoints_dir):
         ckpt = TrainCheckpoints(checkpoints_dir, keep=1_000_000)
-        step = ckpt.latest_step()
-        if step is None:
+        steps = ckpt.manager.all_steps()
+        if not steps:
             raise UserError(f"training directory {path} has no finished checkpoint yet")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise UserError(f"{path} has no checkpoint at step {step} (it has {', '.join(map(str, sorted(steps)))})")
         state, meta = ckpt.restore_on_one_device(step)
         ckpt.close()
         config = ModelConfig.from_dict(meta["model_config"])
         qs = None if meta["quiet_star"] is None else QuietStarConfig(**meta["quiet_star"])
         return config, qs, state["params"], load_model_tokenizer(path)
     if is_model_dir(path):
+        if step is not None:
+            raise UserError(f"{path} is a model directory; it has no training steps to choose from")
         config, params = load_model(path)
         return config, None, params, load_model_tokenizer(path)
     raise UserError(f"{path} is neither a training directory (with checkpoints/) nor a model directory")

@@ -5,6 +5,8 @@ Sources (`config.data.source`):
     main command needs no download;
   * "files": a directory (or one file) of `.txt`, `.jsonl` (a text field) or `.parquet`
     (a text column) files: how OpenWebMath or C4 are used offline;
+  * "toy_reasoning": chained arithmetic with the working written out or left implicit
+    (toy_reasoning.py; the miniature replication of docs/toy_experiment.md);
   * "tfds": a tensorflow-datasets dataset by name, already prepared in `data_dir`, read
     through its TF-free array_record data source.
 
@@ -26,6 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from qstar_jax import toy_reasoning
 from qstar_jax.errors import UserError
 from qstar_jax.tokenizer import Tokenizer
 
@@ -146,11 +149,14 @@ def load_documents(data_config) -> list[str]:
         documents = default_corpus(data_config.default_documents, data_config.default_seed)
     elif source == "files":
         documents = file_documents(data_config.path, data_config.text_field, data_config.max_documents)
+    elif source == "toy_reasoning":
+        toy = data_config.toy
+        documents = toy_reasoning.documents(toy.problems, toy.seed, toy.explicit_fraction, toy.num_ops)
     elif source == "tfds":
         documents = tfds_documents(data_config.tfds_name, data_config.split, data_config.path or None,
                                    data_config.text_field, data_config.max_documents)
     else:
-        raise UserError(f"data.source must be 'default', 'files' or 'tfds', got {source!r}")
+        raise UserError(f"data.source must be 'default', 'files', 'toy_reasoning' or 'tfds', got {source!r}")
     if not documents:
         raise UserError(f"the {source} dataset is empty")
     return documents

@@ -52,7 +52,7 @@ def _ids(ev: Evaluator, text: str) -> list[int]:
     return ([ev.tokenizer.bos_id] + ids) if ev.tokenizer.bos_id is not None else ids
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[jax.Array, jax.Array]:
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[jax.Array, jax.Array]:
     width = -(-max(len(r) for r in rows) // PAD_TO) * PAD_TO
     tokens = np.full((len(rows), width), pad_id, np.int32)
     valid = np.zeros((len(rows), width), bool)
@@ -64,14 +64,14 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[jax.Array, jax.Array]
 
 def answer_logits(ev: Evaluator, prompt: str, continuation: list[int], seed: int = 0) -> np.ndarray:
     """Next-token log-probs (MxV) before each continuation token, after `prompt`."""
-    tokens, valid = _left_pad([_ids(ev, prompt)], ev.tokenizer.pad_id)
+    tokens, valid = left_pad([_ids(ev, prompt)], ev.tokenizer.pad_id)
     logits = continuation_logits(ev.config, ev.qs, ev.params, tokens, valid, jnp.asarray([continuation], jnp.int32),
                                  jax.random.key(seed), ev.thinking)
     return np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
 
 
 def greedy_text(ev: Evaluator, prompts: list[str], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    tokens, valid = _left_pad([_ids(ev, p) for p in prompts], ev.tokenizer.pad_id)
+    tokens, valid = left_pad([_ids(ev, p) for p in prompts], ev.tokenizer.pad_id)
     out, _ = generate(ev.config, ev.qs, ev.params, tokens, valid, jax.random.key(seed), new_tokens, temperature,
                       ev.thinking)
     texts = []

@@ -22,6 +22,8 @@ from qstar_jax.errors import UserError
 START_THOUGHT = "<|startofthought|>"
 END_THOUGHT = "<|endofthought|>"
 SP_ADDED_TOKENS_FILE = "added_tokens.json"
+EOS_TEXT = "<|endoftext|>"  # document separator of the tokenizers trained here
+UNKNOWN_TEXT = "<unk>"
 
 
 class Tokenizer:
@@ -214,13 +216,35 @@ def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int, directory: st
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=[EOS_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer)
+    return _save_and_load(tok, directory)
+
+
+def train_word_tokenizer(documents: Sequence[str], directory: str) -> Tokenizer:
+    """A word-level `tokenizer.json`: one id per whitespace-separated word of `documents`.
+
+    For synthetic corpora whose symbols are words (the toy-reasoning corpus: digits,
+    operators and the "---" delimiter). BPE would merge across symbols ("3+", "=---"),
+    so one symbol would not be one token and a thought could not hold one step per token.
+    Ids are assigned in sorted order, so the tokenizer is a pure function of the corpus;
+    decoding joins words with single spaces, which round-trips whitespace-normalised text.
+    """
+    from tokenizers import models, pre_tokenizers
+
+    words = sorted({word for text in documents for word in text.split()} - {EOS_TEXT, UNKNOWN_TEXT})
+    vocab = {token: i for i, token in enumerate([EOS_TEXT, UNKNOWN_TEXT, *words])}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN_TEXT))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _save_and_load(tok, directory)
+
+
+def _save_and_load(tok: tokenizers.Tokenizer, directory: str) -> Tokenizer:
     os.makedirs(directory, exist_ok=True)
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>"}, f)
+        json.dump({"eos_token": EOS_TEXT}, f)
     return load_tokenizer(directory)

@@ -32,7 +32,13 @@ from qstar_jax.metrics_log import MetricsLog
 from qstar_jax.model import Params, grow_vocab, init_params
 from qstar_jax.quiet_star import init_quiet_star_params
 from qstar_jax.tasks import load_examples
-from qstar_jax.tokenizer import Tokenizer, add_thought_tokens, load_tokenizer, train_bpe_tokenizer
+from qstar_jax.tokenizer import (
+    Tokenizer,
+    add_thought_tokens,
+    load_tokenizer,
+    train_bpe_tokenizer,
+    train_word_tokenizer,
+)
 from qstar_jax.train_step import (
     OptimizerConfig,
     TrainState,
@@ -96,8 +102,12 @@ def load_base_model(cfg: ml_collections.ConfigDict, documents: list[str], workdi
         return model_config.replace(**overrides), params, tokenizer
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
-    else:
+    elif cfg.tokenizer_type == "bpe":
         tokenizer = train_bpe_tokenizer(documents, cfg.tokenizer_vocab_size, os.path.join(workdir, "bpe"))
+    elif cfg.tokenizer_type == "word":
+        tokenizer = train_word_tokenizer(documents, os.path.join(workdir, "words"))
+    else:
+        raise UserError(f"tokenizer_type must be 'bpe' or 'word', got {cfg.tokenizer_type!r}")
     model_config = dataclass_from(
         ModelConfig, cfg.model, vocab_size=tokenizer.vocab_size,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,

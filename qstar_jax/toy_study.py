@@ -1,0 +1,273 @@
+"""The miniature Quiet-STaR replication, end to end: `python -m qstar_jax.toy_study`.
+
+    python -m qstar_jax.toy_study --workdir runs/toy_study [--seeds 0,1,2] [--n-ahead 4,8]
+        [--readme README.md] [--plot docs/toy_study.png] [--smoke]
+
+1. pretrains a base LM on toy-reasoning text, half of it with the working written out
+   (experiments/toy_reasoning_base.py), and exports it as a model directory;
+2. from that one base, for each seed: continues on implicit documents only with
+   Quiet-STaR (one run per thought length) and with plain next-token training (the
+   control), same documents, steps and optimizer (experiments/toy_reasoning.py);
+3. scores every saved checkpoint on held-out test problems (answer accuracy and answer
+   NLL; Quiet-STaR arms think before the answer), the base untouched, and the base
+   writing the working out itself;
+4. writes WORKDIR/results.json, the table (README between its toy-study markers, and
+   printed), and the plot of accuracy / NLL against training step.
+
+Every run is an ordinary `qstar_jax.train` subprocess in its own directory, so an
+interrupted study resumes where it stopped. `--smoke` is a seconds-long miniature for
+the test suite (its numbers mean nothing). docs/toy_experiment.md explains the design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from qstar_jax import checkpoint, toy_reasoning
+from qstar_jax.errors import UserError, exit_on_user_error
+from qstar_jax.toy_eval import answer_metrics, explicit_accuracy, sample_thoughts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(REPO, "experiments", "toy_reasoning_base.py")
+ARM_CONFIG = os.path.join(REPO, "experiments", "toy_reasoning.py")
+TEST_SEED = 3  # train: 0 (base) and 1 (arms); development: 2; test: 3
+TEST_PROBLEMS = 500
+TABLE_START = "<!-- toy-study-table:start -->"
+TABLE_END = "<!-- toy-study-table:end -->"
+SMOKE_BASE = ["--config.steps=6", "--config.data.toy.problems=300", "--config.batch_size=8",
+              "--config.data.eval_documents=20", "--config.eval_every=0", "--config.checkpoint_every=6",
+              "--config.optimizer.total_steps=6", "--config.model.hidden_size=32", "--config.model.head_dim=8",
+              "--config.model.intermediate_size=64", "--config.data.seq_len=32"]
+SMOKE_ARM = ["--config.steps=4", "--config.checkpoint_every=2", "--config.data.toy.problems=200",
+             "--config.data.eval_documents=20", "--config.batch_size=4", "--config.optimizer.total_steps=4",
+             "--config.data.seq_len=32"]
+
+
+# ----------------------------------------------------------------------------------- runs
+
+
+def train(config: str, workdir: str, overrides: list[str]) -> float:
+    """One `qstar_jax.train` run (resumes if already started); returns its wall seconds."""
+    os.makedirs(workdir, exist_ok=True)
+    args = [sys.executable, "-m", "qstar_jax.train", "--config", config, "--workdir", workdir, *overrides]
+    start = time.perf_counter()
+    with open(os.path.join(workdir, "train.log"), "a") as log:
+        result = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise UserError(f"training run failed (exit {result.returncode}); see {workdir}/train.log")
+    return time.perf_counter() - start
+
+
+def export_base(run_dir: str, model_dir: str) -> None:
+    """The base run's final checkpoint as a model directory (what init_from reads)."""
+    if checkpoint.is_model_dir(model_dir):
+        return
+    config, _, params, tokenizer = checkpoint.load_for_inference(run_dir)
+    checkpoint.save_model(model_dir, config, params, tokenizer)
+
+
+def arm_runs(seeds: list[int], n_aheads: list[int]) -> list[dict]:
+    runs = []
+    for seed in seeds:
+        runs.append({"arm": "ntp", "seed": seed, "name": f"ntp_seed{seed}",
+                     "overrides": ["--config.method=lm", f"--config.seed={seed}"]})
+        for n_ahead in n_aheads:
+            runs.append({"arm": f"quiet_star_{n_ahead}", "seed": seed, "name": f"qs{n_ahead}_seed{seed}",
+                         "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={n_ahead}"]})
+    return runs
+
+
+# ----------------------------------------------------------------------------------- eval
+
+
+def score_run(run_dir: str, items, seed: int) -> dict[int, dict]:
+    """Metrics at every checkpoint of a run: {step: {accuracy, answer_nll, ...}}."""
+    ckpt = checkpoint.TrainCheckpoints(os.path.join(run_dir, "checkpoints"), keep=1_000_000)
+    steps = sorted(ckpt.manager.all_steps())
+    ckpt.close()
+    curve = {}
+    for step in steps:
+        config, qs, params, tokenizer = checkpoint.load_for_inference(run_dir, step)
+        curve[step] = answer_metrics(config, qs, params, tokenizer, items, thinking=qs is not None, seed=seed)
+    return curve
+
+
+def summarise(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": [float(v) for v in values]}
+
+
+def aggregate(results: dict) -> dict:
+    """Per arm, the final-step metrics over seeds (mean, sample std)."""
+    final = {}
+    for run in results["runs"]:
+        last = run["curve"][str(max(map(int, run["curve"])))]
+        final.setdefault(run["arm"], []).append(last)
+    out = {arm: {k: summarise([m[k] for m in ms]) for k in ("accuracy", "answer_nll")} for arm, ms in final.items()}
+    base = results["base"]
+    out["base"] = {k: summarise([base[k]]) for k in ("accuracy", "answer_nll")}
+    return out
+
+
+# -------------------------------------------------------------------------------- report
+
+
+ARM_LABELS = {"base": "(c) base model, untouched", "ntp": "(b) next-token continued training (control)"}
+
+
+def arm_label(arm: str) -> str:
+    if arm.startswith("quiet_star_"):
+        n_ahead = int(arm.rsplit("_", 1)[1])
+        sampled = n_ahead - 3
+        return f"(a) Quiet-STaR, n_ahead {n_ahead} ({sampled} thought token{'s' if sampled != 1 else ''})"
+    return ARM_LABELS[arm]
+
+
+def table(results: dict) -> str:
+    summary = results["summary"]
+    seeds = len(results["seeds"])
+    lines = [
+        f"| arm | answer accuracy (mean ± std, {seeds} seeds) | answer NLL, nats (mean ± std) |",
+        "|---|---|---|",
+    ]
+    order = ["base", "ntp"] + sorted((a for a in summary if a.startswith("quiet_star_")), key=lambda a: int(a[11:]))
+    for arm in order:
+        acc, nll = summary[arm]["accuracy"], summary[arm]["answer_nll"]
+        spread = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if arm != "base" else f"{m['mean']:.3f}"
+        lines.append(f"| {arm_label(arm)} | {spread(acc)} | {spread(nll)} |")
+    explicit = results["base_explicit"]
+    lines.append(f"| base model writing the working out itself (reference) | {explicit['explicit_accuracy']:.3f} | – |")
+    return "\n".join(lines)
+
+
+def caption(results: dict) -> str:
+    return (f"{results['test_problems']} held-out test problems (seed {TEST_SEED}), {results['steps']} optimizer "
+            f"steps per arm from one base model, seeds {', '.join(map(str, results['seeds']))}; chance accuracy 0.100. "
+            f"Whole study: {results['wall_s'] / 60:.1f} min on this machine "
+            f"(`{results['command']}`).")
+
+
+def update_readme(path: str, text: str) -> None:
+    with open(path) as f:
+        readme = f.read()
+    if TABLE_START not in readme or TABLE_END not in readme:
+        raise UserError(f"{path} has no {TABLE_START} ... {TABLE_END} markers to put the table between")
+    head, rest = readme.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{TABLE_START}\n{text}\n{TABLE_END}{tail}")
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    arms = sorted({run["arm"] for run in results["runs"]})
+    for color, arm in zip(plt.cm.tab10.colors, arms):
+        runs = [run for run in results["runs"] if run["arm"] == arm]
+        steps = sorted(int(s) for s in runs[0]["curve"])
+        for ax, key in zip(axes, ("accuracy", "answer_nll")):
+            start = results["base"][key]
+            values = np.array([[start] + [run["curve"][str(s)][key] for s in steps] for run in runs])
+            mean, std = values.mean(axis=0), values.std(axis=0, ddof=1) if len(runs) > 1 else 0 * values[0]
+            x = [0] + steps
+            ax.plot(x, mean, color=color, label=arm_label(arm))
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
+    explicit = results["base_explicit"]["explicit_accuracy"]
+    axes[0].axhline(explicit, color="gray", linestyle="--", label="base, working written out")
+    axes[0].axhline(0.1, color="gray", linestyle=":", label="chance")
+    axes[0].set(xlabel="optimizer step", ylabel="held-out answer accuracy", ylim=(0, 1))
+    axes[1].set(xlabel="optimizer step", ylabel="held-out answer NLL (nats)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Toy reasoning: mean ± std over seeds {results['seeds']}, {results['test_problems']} test problems")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------- study
+
+
+def study(workdir: str, seeds: list[int], n_aheads: list[int], smoke: bool) -> dict:
+    start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    base_run, base_model = os.path.join(workdir, "base"), os.path.join(workdir, "base_model")
+    print(f"[toy_study] pretraining the base model in {base_run}", flush=True)
+    base_s = train(BASE_CONFIG, base_run, SMOKE_BASE if smoke else [])
+    export_base(base_run, base_model)
+    count = 40 if smoke else TEST_PROBLEMS
+    items = toy_reasoning.problems(count, TEST_SEED)
+    toy_reasoning.write_problems(os.path.join(workdir, "test.jsonl"), items)
+
+    config, _, params, tokenizer = checkpoint.load_for_inference(base_model)
+    results = {
+        "seeds": seeds, "n_ahead": n_aheads, "test_problems": count, "base_train_s": base_s,
+        "base": answer_metrics(config, None, params, tokenizer, items, thinking=False),
+        "base_explicit": explicit_accuracy(config, None, params, tokenizer, items),
+        "runs": [],
+    }
+    for run in arm_runs(seeds, n_aheads):
+        run_dir = os.path.join(workdir, run["name"])
+        print(f"[toy_study] {run['name']}", flush=True)
+        overrides = [f"--config.init_from={base_model}", *run["overrides"], *(SMOKE_ARM if smoke else [])]
+        train_s = train(ARM_CONFIG, run_dir, overrides)
+        curve = score_run(run_dir, items, run["seed"])
+        results["runs"].append({**run, "train_s": train_s, "curve": {str(k): v for k, v in curve.items()}})
+        print(f"[toy_study] {run['name']}: final accuracy {curve[max(curve)]['accuracy']:.3f}, "
+              f"answer NLL {curve[max(curve)]['answer_nll']:.3f} ({train_s:.0f} s)", flush=True)
+    results["steps"] = max(int(s) for s in results["runs"][0]["curve"])
+    results["summary"] = aggregate(results)
+    last_qs = next(r for r in reversed(results["runs"]) if r["arm"].startswith("quiet_star_"))
+    config, qs, params, tokenizer = checkpoint.load_for_inference(os.path.join(workdir, last_qs["name"]))
+    results["sample_thoughts"] = {"run": last_qs["name"], "thoughts": sample_thoughts(config, qs, params, tokenizer,
+                                                                                      items[:8])}
+    results["wall_s"] = time.perf_counter() - start
+    return results
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m qstar_jax.toy_study", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/toy_study")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the continued-training arms")
+    parser.add_argument("--n-ahead", default="4,6,8", help="comma-separated thought lengths (n_ahead)")
+    parser.add_argument("--readme", default="README.md", help="file whose toy-study table to replace ('' = none)")
+    parser.add_argument("--plot", default="docs/toy_study.png")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long miniature (for tests)")
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+        args.n_ahead = [int(s) for s in args.n_ahead.split(",")]
+    except ValueError:
+        parser.error("--seeds and --n-ahead take comma-separated integers")
+    return args
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    results = study(args.workdir, args.seeds, args.n_ahead, args.smoke)
+    results["command"] = "python -m qstar_jax.toy_study " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    text = f"{table(results)}\n\n{caption(results)}"
+    print(text)
+    if args.readme:
+        update_readme(args.readme, text)
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
