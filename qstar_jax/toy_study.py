@@ -130,6 +130,11 @@ def arm_label(arm: str) -> str:
     return ARM_LABELS[arm]
 
 
+def _spread(metric: dict, arm: str) -> str:
+    """mean ± std over seeds; the untouched base is one model, so just its value."""
+    return f"{metric['mean']:.3f}" if arm == "base" else f"{metric['mean']:.3f} ± {metric['std']:.3f}"
+
+
 def table(results: dict) -> str:
     summary = results["summary"]
     seeds = len(results["seeds"])
@@ -140,8 +145,7 @@ def table(results: dict) -> str:
     order = ["base", "ntp"] + sorted((a for a in summary if a.startswith("quiet_star_")), key=lambda a: int(a[11:]))
     for arm in order:
         acc, nll = summary[arm]["accuracy"], summary[arm]["answer_nll"]
-        spread = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if arm != "base" else f"{m['mean']:.3f}"
-        lines.append(f"| {arm_label(arm)} | {spread(acc)} | {spread(nll)} |")
+        lines.append(f"| {arm_label(arm)} | {_spread(acc, arm)} | {_spread(nll, arm)} |")
     explicit = results["base_explicit"]
     lines.append(f"| base model writing the working out itself (reference) | {explicit['explicit_accuracy']:.3f} | – |")
     return "\n".join(lines)
