@@ -259,6 +259,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about every checkpoint it reads
     args = parse_args(sys.argv[1:] if argv is None else argv)
     results = study(args.workdir, args.seeds, args.n_ahead, args.smoke)
     results["command"] = "python -m qstar_jax.toy_study " + " ".join(sys.argv[1:] if argv is None else argv)

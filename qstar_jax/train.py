@@ -238,11 +238,18 @@ def evaluate_tasks(evaluator: Evaluator, task_sets: list[tuple[str, list]]) -> d
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary."""
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary.
+
+    With several processes every host must save at the same step (the save is a
+    collective), so there JAX's preemption service, which catches SIGTERM itself and
+    agrees on a sync step through the coordinator, decides alone; installing our own
+    handler would replace its signal handler and let hosts stop at different steps.
+    """
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -252,7 +259,7 @@ class Preemption:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
 

@@ -147,6 +147,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     assert ckpt.latest_step() == stopped_at and 5 <= stopped_at < 200
 
 
+def test_sigterm_on_one_host_stops_every_process_at_the_same_step(tmp_path):
+    """A pod preemption notice may reach one host first: JAX's preemption service must make
+    every process save the same step (a save is a collective) and exit cleanly."""
+    port = _free_port()
+    procs = [
+        run_train(tmp_path, "--config.steps=400", "--config.optimizer.total_steps=400", "--config.mesh.data=2",
+                  "--config.checkpoint_every=5", "--config.eval_every=0", "--config.distributed.mode=on",
+                  f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", wait=False)
+        for i in range(2)
+    ]
+    _wait_for_checkpoint(tmp_path, 5, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    stopped = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        saved = [line for line in out.splitlines() if line.startswith("preempted: saved checkpoint at step")]
+        assert saved, out[-2000:]
+        stopped.append(int(saved[0].split()[-2].rstrip(",")))
+    assert stopped[0] == stopped[1] and 5 <= stopped[0] < 400
+    ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 10)
+    assert ckpt.latest_step() == stopped[0]
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
