@@ -12,10 +12,12 @@ import json
 import os
 from typing import Any
 
+import jax
+
 from qstar_jax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerics checks, needs jax x64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 raise UserError(f"{name} must be one of {SUPPORTED_DTYPES}, got {getattr(self, name)!r}")
+            if getattr(self, name) == "float64" and not jax.config.jax_enable_x64:
+                raise UserError(f"{name} float64 needs 64-bit JAX (JAX_ENABLE_X64=1 or jax.enable_x64())")
         if self.num_heads % self.num_kv_heads:
             raise UserError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"

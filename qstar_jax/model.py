@@ -41,11 +41,18 @@ def _dtype(name: str) -> jnp.dtype:
 # ----------------------------------------------------------------------------- helpers
 
 
+def at_least_float32(dtype) -> jnp.dtype:
+    """float32 for half-precision inputs (norms, angles, scores, logits stay accurate); float64
+    stays float64, so a float64 model (numerics checks, dtype="float64") is float64 throughout."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding in the "rotate half" layout used by HF Llama checkpoints."""
     head_dim = x_BxTxHxK.shape[-1]
-    inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_K2
+    angle_dtype = at_least_float32(x_BxTxHxK.dtype)
+    inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=angle_dtype) / head_dim)
+    angles_BxTxK2 = positions_BxT[..., None].astype(angle_dtype) * inv_freq_K2
     angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
     cos_BxTx1xK = jnp.cos(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
     sin_BxTx1xK = jnp.sin(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
@@ -66,7 +73,7 @@ def masked_attention(
     b, t, h, k = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
     q_BxGxTxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k).transpose(0, 2, 1, 3, 4) * jnp.asarray(k**-0.5, q_BxTxHxK.dtype)
-    scores = jnp.einsum("bgtrk,bsgk->bgtrs", q_BxGxTxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bgtrk,bsgk->bgtrs", q_BxGxTxRxK, k_BxSxGxK, preferred_element_type=at_least_float32(q_BxGxTxRxK.dtype))
     scores = jnp.where(mask_BxTxS[:, None, :, None, :], scores, MASKED_SCORE)
     probs_BxGxTxRxS = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
     out_BxGxTxRxK = jnp.einsum("bgtrs,bsgk->bgtrk", probs_BxGxTxRxS, v_BxSxGxK)
@@ -173,7 +180,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         scale_D = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), self.param_dtype)
-        x32 = x_BxTxD.astype(jnp.float32)
+        x32 = x_BxTxD.astype(at_least_float32(x_BxTxD.dtype))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale_D.astype(self.dtype) * normed.astype(self.dtype)
 
@@ -264,7 +271,7 @@ class Transformer(nn.Module):
             logits_BxTxV = self.embed_tokens.attend(h_BxTxD)
         else:
             logits_BxTxV = self.lm_head(h_BxTxD)
-        return logits_BxTxV.astype(jnp.float32)
+        return logits_BxTxV.astype(at_least_float32(logits_BxTxV.dtype))
 
     def __call__(self, tokens_BxT: jax.Array, inputs: AttentionInputs, layer_states: Any = None):
         h_BxTxD, new_layer_states = self.transform(self.embed(tokens_BxT), inputs, layer_states)

@@ -54,10 +54,22 @@ def test_gguf_model_matches_transformers_and_generates_the_same(smollm2, tmp_pat
     assert tokenizer.decode(prompt) == "The capital of France is"
     ours = np.asarray(apply_lm(config, params, jnp.asarray([prompt])))
     theirs_logits = torch_logits(torch_model, np.asarray([prompt]))
-    # Issue 6 asks for <= 1e-4 here; measured 1.6e-4 (30 layers, logits up to 27; our
-    # float32 forward is 1.7e-4 from a float64 reference, torch's 4e-5). Until that gap is
-    # closed this test pins the same argmax at every position and the greedy tokens below.
-    print(f"SmolLM2 GGUF max abs logit diff vs transformers: {np.abs(ours - theirs_logits).max():.3g}")
+    # The conversion itself is checked in float64 on both sides, where rounding cannot hide
+    # a wrong weight, permutation or constant: <= 1e-4 as issue 6 asks (measured 9e-6, the
+    # rest being transformers' float32 rotary tables, which it keeps in a float64 model).
+    with jax.enable_x64(True):
+        config64 = config.replace(dtype="float64", param_dtype="float64")
+        ours64 = np.asarray(apply_lm(config64, jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params),
+                                     jnp.asarray([prompt])))
+    theirs64 = torch_logits(torch_model.double(), np.asarray([prompt]))
+    torch_model.float()
+    print(f"SmolLM2 GGUF max abs logit diff vs transformers: float64 {np.abs(ours64 - theirs64).max():.3g}, "
+          f"float32 {np.abs(ours - theirs_logits).max():.3g}")
+    np.testing.assert_allclose(ours64, theirs64, rtol=0, atol=1e-4)
+    # In float32 the 30 layers' rounding differs: XLA:CPU's float32 matmuls accumulate less
+    # accurately than torch's BLAS (1.7e-4 vs 4e-5 from the float64 logits; with every
+    # matmul computed exactly and rounded to float32 ours is 5e-5), so float32 is pinned by
+    # the same argmax at every position and the same greedy tokens below.
     np.testing.assert_array_equal(ours.argmax(-1), theirs_logits.argmax(-1))
     new = 8
     with torch.no_grad():

@@ -93,6 +93,22 @@ def test_bfloat16_compute_stays_close_to_float32(tiny):
     assert not np.array_equal(bf16, f32)  # bf16 really ran
 
 
+def test_float64_model_matches_transformers_float64_and_needs_x64(tiny):
+    """dtype float64 (numerics checks) is float64 throughout, norms and scores included."""
+    _, _, model, config, params = tiny
+    tokens = _tokens(seed=5)
+    with pytest.raises(UserError, match="float64 needs 64-bit JAX"):
+        dataclasses.replace(config, dtype="float64")
+    with jax.enable_x64(True):
+        config64 = dataclasses.replace(config, dtype="float64", param_dtype="float64")
+        ours = apply_lm(config64, jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params), tokens)
+        assert ours.dtype == jnp.float64
+    theirs = torch_logits(model.double(), np.asarray(tokens))
+    model.float()
+    # transformers keeps its rotary tables in float32 even in a float64 model.
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-5)
+
+
 def test_sliding_window_is_exercised(tmp_path):
     """Mistral's window must matter on this sequence, or the parity test would prove nothing."""
     torch_model = make_tiny_hf_model("mistral_window", str(tmp_path))
