@@ -190,7 +190,7 @@ def plot(results: dict, path: str) -> None:
     explicit = results["base_explicit"]["explicit_accuracy"]
     axes[0].axhline(explicit, color="gray", linestyle="--", label="base, working written out")
     axes[0].axhline(0.1, color="gray", linestyle=":", label="chance")
-    axes[0].set(xlabel="optimizer step", ylabel="held-out answer accuracy", ylim=(0, 1))
+    axes[0].set(xlabel="optimizer step", ylabel="held-out answer accuracy", ylim=(0, 1.05))
     axes[1].set(xlabel="optimizer step", ylabel="held-out answer NLL (nats)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Toy reasoning: mean ± std over seeds {results['seeds']}, {results['test_problems']} test problems")
@@ -232,10 +232,11 @@ def study(workdir: str, seeds: list[int], n_aheads: list[int], smoke: bool) -> d
               f"answer NLL {curve[max(curve)]['answer_nll']:.3f} ({train_s:.0f} s)", flush=True)
     results["steps"] = max(int(s) for s in results["runs"][0]["curve"])
     results["summary"] = aggregate(results)
-    last_qs = next(r for r in reversed(results["runs"]) if r["arm"].startswith("quiet_star_"))
-    config, qs, params, tokenizer = checkpoint.load_for_inference(os.path.join(workdir, last_qs["name"]))
-    results["sample_thoughts"] = {"run": last_qs["name"], "thoughts": sample_thoughts(config, qs, params, tokenizer,
-                                                                                      items[:8])}
+    results["sample_thoughts"] = {}
+    for n_ahead in n_aheads:  # what each thought length thinks, in the last seed's run
+        name = f"qs{n_ahead}_seed{seeds[-1]}"
+        config, qs, params, tokenizer = checkpoint.load_for_inference(os.path.join(workdir, name))
+        results["sample_thoughts"][name] = sample_thoughts(config, qs, params, tokenizer, items[:8])
     results["wall_s"] = time.perf_counter() - start
     return results
 

@@ -146,7 +146,8 @@ def test_smoke_study_writes_table_plot_results_and_scores_checkpoints(tmp_path):
     finals = [r["curve"]["4"]["accuracy"] for r in results["runs"] if r["arm"] == "ntp"]
     summary = results["summary"]["ntp"]["accuracy"]
     assert summary["mean"] == pytest.approx(np.mean(finals)) and summary["std"] == pytest.approx(np.std(finals, ddof=1))
-    assert results["sample_thoughts"]["thoughts"][0]["thought"]  # the thought text is recorded
+    thoughts = results["sample_thoughts"]["qs4_seed1"]
+    assert len(thoughts) == 8 and all(len(t["thought"].split()) == 1 for t in thoughts)  # n_ahead 4: 1 token
 
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# title\n\nbefore") and text.rstrip().endswith("after")
