@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     # name, method, steps, learning_rate, every, [n_ahead, n_ahead_talk, student_init].
     # Empty: a single run. bench_tokens: tokens generated to time each stage's pick (0: skip).
     config.curriculum = ml_collections.ConfigDict(
-        dict(stages=(), metric="eval/nll_next", mode="min", bench_tokens=64)
+        dict(stages=(), metric="eval/nll_next", mode="min", bench_tokens=256)
     )
     config.data = ml_collections.ConfigDict(
         dict(

@@ -26,12 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.curriculum.mode = "min"
     config.curriculum.stages = (
         {"name": "base", "method": "lm", "steps": 400, "learning_rate": 1e-3, "every": 50},
-        {"name": "think_8_4", "method": "quiet_star", "steps": 150, "learning_rate": 5e-4, "every": 25, "n_ahead": 8,
-             "n_ahead_talk": 4},
-        {"name": "think_6_2", "method": "quiet_star", "steps": 150, "learning_rate": 2.5e-4, "every": 25, "n_ahead": 6,
-             "n_ahead_talk": 2},
-        {"name": "think_4_2", "method": "quiet_star", "steps": 150, "learning_rate": 2.5e-4, "every": 25, "n_ahead": 4,
-             "n_ahead_talk": 2},
+        {"name": "think_8_4", "method": "quiet_star", "steps": 150, "learning_rate": 5e-4, "every": 25,
+         "n_ahead": 8, "n_ahead_talk": 4},
+        {"name": "think_6_2", "method": "quiet_star", "steps": 150, "learning_rate": 2.5e-4, "every": 25,
+         "n_ahead": 6, "n_ahead_talk": 2},
+        {"name": "think_4_2", "method": "quiet_star", "steps": 150, "learning_rate": 2.5e-4, "every": 25,
+         "n_ahead": 4, "n_ahead_talk": 2},
         {"name": "ntp", "method": "ntp", "steps": 150, "learning_rate": 2.5e-4, "every": 25},
     )
     return config

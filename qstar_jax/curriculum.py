@@ -7,8 +7,8 @@ each checkpoint carries `curriculum.metric` (an evaluation metric of the trainin
 is kept and starts the next stage. This is the step the public code leaves to a person
 reading eval logs and editing a shell script.
 
-    WORKDIR/chain.json          finished stages: chosen step, metric per checkpoint, inference cost
-    WORKDIR/chain_summary.json  the same per-stage figures, written when the chain completes
+    WORKDIR/chain.json          finished stages: chosen step, metric at every evaluation
+    WORKDIR/chain_summary.json  per stage also the pick's inference cost, when the chain completes
     WORKDIR/stages/NN_NAME/     one training workdir per stage (checkpoints, metrics.jsonl, ...)
     WORKDIR/model/              the final plain LM when the last stage is lm or ntp
 
@@ -164,7 +164,8 @@ def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, float]:
         times.append(time.perf_counter() - start)
     # decode.py: a thinking token costs n_ahead decode steps (n_ahead - 1 thought inputs + itself)
     return {"forward_passes_per_token": qs.n_ahead if qs is not None else 1,
-            "tokens_per_s": round(new_tokens / statistics.median(times), 1)}
+            "tokens_per_s": round(new_tokens / statistics.median(times), 1),
+            "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times]}
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -230,16 +231,17 @@ def run_chain(cfg: ml_collections.ConfigDict, workdir: str,
         record = {"name": stage.name, "method": stage.method, "n_ahead": stage.n_ahead,
                   "n_ahead_talk": stage.n_ahead_talk, "dir": stage_dir, "best_step": best,
                   "metric": selection.metric, "value": kept[best], "values": logged_values(stage_dir)}
-        if cfg.curriculum.bench_tokens > 0:
-            record.update(generation_speed(stage_dir, best, cfg.curriculum.bench_tokens))
         done.append(record)
         _write_json(os.path.join(workdir, CHAIN_FILE), {"stages": done})
         print(f"{header}: best step {best} {selection.metric}={kept[best]:.4g}", flush=True)
         previous = (stage_dir, best)
     final_model = export_final_model(workdir, stages[-1], previous)
+    # Timed together at the end, one after another, so the picks share the machine's conditions.
+    summary = [{**d, **(generation_speed(d["dir"], d["best_step"], cfg.curriculum.bench_tokens)
+                        if cfg.curriculum.bench_tokens > 0 else {})} for d in done]
     _write_json(os.path.join(workdir, SUMMARY_FILE), {"metric": selection.metric, "mode": selection.mode,
-                                                      "final_model": final_model, "stages": done})
-    print(summary_table(done, selection.metric), flush=True)
+                                                      "final_model": final_model, "stages": summary})
+    print(summary_table(summary, selection.metric), flush=True)
 
 
 def export_final_model(workdir: str, stage: Stage, chosen: tuple[str, int]) -> str | None:
