@@ -10,6 +10,7 @@ import dataclasses
 import ml_collections
 
 from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.ntp import NTPConfig
 from qstar_jax.train_step import OptimizerConfig
 
 # Thought token ids come from the tokenizer at run time, never from a config file.
@@ -28,12 +29,16 @@ def _fields(cls, skip=()) -> dict:
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # "quiet_star", or "lm": plain next-token training of the same LM (no thought tokens):
-    # base-model pretraining, the paper's continued-training control, distilled students.
+    # "quiet_star"; "lm": plain next-token training of the same LM (no thought tokens):
+    # base-model pretraining, the paper's continued-training control; "ntp": Fast Quiet-STaR
+    # NTP, a plain-LM student trained by RL against the thinking teacher `ntp.teacher`.
     config.method = "quiet_star"
     # Where the LM comes from: "" = random init from `model` below; else a qstar_jax model
-    # directory (python -m qstar_jax.convert ...) or a Hugging Face checkpoint directory.
+    # directory (python -m qstar_jax.convert ...), a Hugging Face checkpoint directory, or
+    # a training workdir (its checkpoint at `init_step`, 0 = newest; thought parts kept for
+    # quiet_star, dropped for lm / ntp).
     config.init_from = ""
+    config.init_step = 0
     # Tokenizer directory; "" = the init_from checkpoint's, or (random init) a BPE
     # tokenizer of `tokenizer_vocab_size` trained on the training documents.
     config.tokenizer = ""
@@ -47,6 +52,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.sliding_window = ml_collections.FieldReference(None, field_type=int)
     config.quiet_star = ml_collections.ConfigDict(_fields(QuietStarConfig, skip=_RUNTIME_QUIET_STAR_FIELDS))
     config.optimizer = ml_collections.ConfigDict(_fields(OptimizerConfig))
+    # method=ntp: the loss knobs (qstar_jax/ntp.py) and the teacher, a Quiet-STaR training
+    # workdir and its checkpoint step (0 = newest). A curriculum sets the teacher itself.
+    config.ntp = ml_collections.ConfigDict({**_fields(NTPConfig), "teacher": "", "teacher_step": 0})
+    # Fast Quiet-STaR: a chain of stages, each a run from the previous stage's best
+    # checkpoint by `metric` (an evaluation metric: eval/nll_next, eval/average/accuracy with
+    # eval_tasks, ...). Each stage is a dict of qstar_jax.curriculum.Stage fields:
+    # name, method, steps, learning_rate, every, [n_ahead, n_ahead_talk, student_init].
+    # Empty: a single run. bench_tokens: tokens generated to time each stage's pick (0: skip).
+    config.curriculum = ml_collections.ConfigDict(
+        dict(stages=(), metric="eval/nll_next", mode="min", bench_tokens=256)
+    )
     config.data = ml_collections.ConfigDict(
         dict(
             source="default",  # "default" | "files" | "toy_reasoning" | "tfds"

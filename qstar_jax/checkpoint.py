@@ -26,6 +26,8 @@ from qstar_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+SELECTION_METRIC = "selection"  # the name a checkpoint's ranking value is stored under
 
 
 def _absolute(path: str) -> str:
@@ -89,6 +91,10 @@ def load_model_tokenizer(directory: str) -> Tokenizer:
 # ---------------------------------------------------------------------- training checkpoints
 
 
+def _selection_value(metrics: dict[str, float]) -> float:
+    return metrics[SELECTION_METRIC]
+
+
 class TrainCheckpoints:
     """Orbax `CheckpointManager` for training: state + data-iterator position + run metadata.
 
@@ -100,17 +106,27 @@ class TrainCheckpoints:
     previous checkpoint intact.
     """
 
-    def __init__(self, directory: str, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, keep: int, async_save: bool = True, best_mode: str | None = None):
+        """Keeps the newest `keep` checkpoints; with `best_mode` ("min" or "max") also the one
+        with the best metric passed to `save`, so a curriculum stage never loses its pick."""
         self.directory = _absolute(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        policies = [ocp.checkpoint_managers.LatestN(keep)]
+        if best_mode is not None:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=_selection_value, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False,
+            ))
+        options = ocp.CheckpointManagerOptions(  # best_fn: Orbax writes metrics only when it is set
+            create=True, enable_async_checkpointing=async_save, best_mode=best_mode or "max",
+            best_fn=None if best_mode is None else _selection_value,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+    def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any],
+             metric: float | None = None) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -118,8 +134,14 @@ class TrainCheckpoints:
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
             ),
+            metrics=None if metric is None else {SELECTION_METRIC: metric},
             force=True,
         )
+
+    def metrics(self) -> dict[int, float]:
+        """The selection metric of every kept checkpoint that was saved with one."""
+        values = {step: self.manager.metrics(step) for step in self.manager.all_steps()}
+        return {step: float(m[SELECTION_METRIC]) for step, m in values.items() if m}
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -156,23 +178,27 @@ class TrainCheckpoints:
 # -------------------------------------------------------------------------------- inference
 
 
+def is_training_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))
+
+
 def load_for_inference(path: str, step: int | None = None):
     """(model config, QuietStarConfig or None, params, tokenizer) from a run or a model directory.
 
     A training workdir (the `--workdir` of qstar_jax.train) gives its checkpoint at `step`
-    (default: the newest), with thought parameters if it trained them; a model directory
-    (qstar_jax.convert) gives a plain LM.
+    (default: the newest) with thought parameters; a model directory (qstar_jax.convert)
+    gives a plain LM.
     """
-    checkpoints_dir = os.path.join(path, "checkpoints")
-    if os.path.isdir(checkpoints_dir):
-        ckpt = TrainCheckpoints(checkpoints_dir, keep=1_000_000)
+    if is_training_dir(path):
+        ckpt = TrainCheckpoints(os.path.join(path, CHECKPOINTS_DIR), keep=1_000_000)
         steps = ckpt.manager.all_steps()
         if not steps:
             raise UserError(f"training directory {path} has no finished checkpoint yet")
         if step is None:
             step = max(steps)
         elif step not in steps:
-            raise UserError(f"{path} has no checkpoint at step {step} (it has {', '.join(map(str, sorted(steps)))})")
+            raise UserError(f"training directory {path} has no checkpoint at step {step} "
+                            f"(has {', '.join(map(str, sorted(steps)))})")
         state, meta = ckpt.restore_on_one_device(step)
         ckpt.close()
         config = ModelConfig.from_dict(meta["model_config"])

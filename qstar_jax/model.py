@@ -338,7 +338,7 @@ def next_token_loss(
     picked_BxT = token_logp(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
     mask_BxT = valid_BxT[:, 1:] & valid_BxT[:, :-1]
     nll = -jnp.sum(jnp.where(mask_BxT, picked_BxT, 0.0)) / jnp.maximum(mask_BxT.sum(), 1)
-    return nll, {"loss": nll, "nll_base": nll}
+    return nll, {"loss": nll, "nll_base": nll, "nll_next": nll}
 
 
 def grow_vocab(
@@ -366,6 +366,17 @@ def grow_vocab(
     params["embed_tokens"] = {"embedding": grow(params["embed_tokens"]["embedding"])}
     if not config.tie_word_embeddings:
         params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"].T).T}
+    return config.replace(vocab_size=vocab_size), params
+
+
+def truncate_vocab(config: ModelConfig, params: Params, vocab_size: int) -> tuple[ModelConfig, Params]:
+    """Keeps the first `vocab_size` ids of the embedding and LM head (drops tokens added last)."""
+    if not 0 < vocab_size <= config.vocab_size:
+        raise ValueError(f"cannot truncate vocab of {config.vocab_size} to {vocab_size}")
+    params = jax.tree.map(lambda x: x, params)
+    params["embed_tokens"] = {"embedding": params["embed_tokens"]["embedding"][:vocab_size]}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": params["lm_head"]["kernel"][:, :vocab_size]}
     return config.replace(vocab_size=vocab_size), params
 
 

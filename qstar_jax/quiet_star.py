@@ -500,6 +500,9 @@ def quiet_star_loss(
         "loss": terms.loss,
         "nll_base": terms.nll_base,
         "nll_talk": terms.nll_talk,
+        # What inference predicts (one thought, then the first talk step): comparable across
+        # n_ahead_talk and with a plain LM's nll_next, so curriculum stages can be ranked by it.
+        "nll_next": _masked_mean(-r.talk_logp_CxBxPxN[0], r.target_valid_CxBxN[0][:, None]),
         "policy_loss": terms.policy_loss,
         "reward": _masked_mean(terms.reward_BxPxN, eligible),
         "mixing_weight": _masked_mean(r.mixing_weight_CxBxPxN, r.target_valid_CxBxN[:, :, None]),

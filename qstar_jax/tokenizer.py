@@ -53,6 +53,10 @@ class Tokenizer:
     def save(self, directory: str) -> None:
         raise NotImplementedError
 
+    def without_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """A copy without these added tokens (a distilled student drops the thought tokens)."""
+        raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A `tokenizer.model` plus added special tokens numbered after the SentencePiece vocab.
@@ -118,6 +122,9 @@ class SentencePieceTokenizer(Tokenizer):
         piece = self._sp.piece_to_id(token)
         return None if piece == self._sp.unk_id() else piece
 
+    def without_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        return SentencePieceTokenizer(self._model_file, {t: i for t, i in self._added.items() if t not in tokens})
+
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         shutil.copyfile(self._model_file, os.path.join(directory, "tokenizer.model"))
@@ -128,8 +135,11 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A HF `tokenizer.json` (byte-level BPE and friends) via the `tokenizers` library."""
 
-    def __init__(self, tokenizer_file: str, special: dict[str, str] | None = None):
-        self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+    def __init__(self, tokenizer_file: str | tokenizers.Tokenizer, special: dict[str, str] | None = None):
+        if isinstance(tokenizer_file, tokenizers.Tokenizer):
+            self._tok = tokenizer_file
+        else:
+            self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
         self._special = dict(special or {})
         self.bos_id = self._id_of(self._special.get("bos_token"))
         self.eos_id = self._id_of(self._special.get("eos_token"))
@@ -159,6 +169,11 @@ class HFTokenizer(Tokenizer):
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def without_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        spec = json.loads(self._tok.to_str())
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in tokens]
+        return HFTokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), self._special)
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -200,6 +215,11 @@ def add_thought_tokens(tokenizer: Tokenizer) -> tuple[int, int]:
     """Adds `<|startofthought|>` and `<|endofthought|>`; returns (start_id, end_id)."""
     start_id, end_id = tokenizer.add_special_tokens([START_THOUGHT, END_THOUGHT])
     return start_id, end_id
+
+
+def remove_thought_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer without `<|startofthought|>` / `<|endofthought|>` (for a plain-LM student)."""
+    return tokenizer.without_tokens([START_THOUGHT, END_THOUGHT])
 
 
 def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int, directory: str) -> Tokenizer:

@@ -4,10 +4,14 @@ Overrides: `--config.optimizer.learning_rate=2e-6`, `--config.steps=20`, ... Res
 same command resumes from the newest checkpoint in `--workdir` (same data position, same
 rng: the result is bit-identical to an uninterrupted run). SIGTERM (preemption) saves a
 checkpoint and exits 0. A non-finite loss stops the run before anything is saved.
+
+A config with `curriculum.stages` runs a chain of such runs (Fast Quiet-STaR; see
+curriculum.py): each stage starts from the previous stage's best checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -23,19 +27,22 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qstar_jax import checkpoint, data, hf, sharding
+from qstar_jax import checkpoint, curriculum, data, hf, ntp, sharding
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.evaluate import Evaluator
 from qstar_jax.evaluate import evaluate as evaluate_examples
 from qstar_jax.metrics_log import MetricsLog
-from qstar_jax.model import Params, grow_vocab, init_params
+from qstar_jax.model import Params, grow_vocab, init_params, truncate_vocab
 from qstar_jax.quiet_star import init_quiet_star_params
 from qstar_jax.tasks import load_examples
 from qstar_jax.tokenizer import (
+    END_THOUGHT,
+    START_THOUGHT,
     Tokenizer,
     add_thought_tokens,
     load_tokenizer,
+    remove_thought_tokens,
     train_bpe_tokenizer,
     train_word_tokenizer,
 )
@@ -85,14 +92,28 @@ def dataclass_from(cls, values: ml_collections.ConfigDict, **extra):
     return cls(**{**values.to_dict(), **extra})
 
 
+def ntp_config(cfg: ml_collections.ConfigDict) -> ntp.NTPConfig:
+    """The NTP loss knobs (config.ntp also names the teacher run)."""
+    return ntp.NTPConfig(**{f.name: cfg.ntp[f.name] for f in dataclasses.fields(ntp.NTPConfig)})
+
+
 # --------------------------------------------------------------------------------- model
 
 
 def load_base_model(cfg: ml_collections.ConfigDict, documents: list[str], workdir: str):
-    """(model config, LM params, tokenizer) from init_from, or a random init and new tokenizer."""
+    """(model config, params, tokenizer) from init_from, or a random init and new tokenizer.
+
+    init_from may also be a training workdir (checkpoint `init_step`, 0 = newest): then
+    the params are a Quiet-STaR run's (thought embeddings and mixing head included) or a
+    plain LM run's, and `prepare_method` adapts them to `cfg.method`.
+    """
     if cfg.init_from:
         path = cfg.init_from
-        if checkpoint.is_model_dir(path):
+        if checkpoint.is_training_dir(path):
+            model_config, _, params, tokenizer = checkpoint.load_for_inference(path, cfg.init_step or None)
+            if cfg.tokenizer:
+                raise UserError("tokenizer must be empty when init_from is a training directory (its tokenizer is used)")
+        elif checkpoint.is_model_dir(path):
             model_config, params = checkpoint.load_model(path)
             tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else checkpoint.load_model_tokenizer(path)
         else:
@@ -125,6 +146,55 @@ def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer
     qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=start_id, end_token_id=end_id)
     params = init_quiet_star_params(model_config, qs, params, init_D, jax.random.key(cfg.seed + 1))
     return model_config, qs, params
+
+
+def strip_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer) -> tuple:
+    """The plain LM inside Quiet-STaR params, with a tokenizer without the thought tokens.
+
+    The thought tokens' embedding / LM-head rows are dropped when they are the vocab's last
+    two (we grew it for them); inside a padded vocab (Qwen2.5) they stay as unused rows.
+    """
+    ids = sorted((tokenizer.token_id(START_THOUGHT), tokenizer.token_id(END_THOUGHT)))
+    lm = params["lm"]
+    if ids == [model_config.vocab_size - 2, model_config.vocab_size - 1]:
+        model_config, lm = truncate_vocab(model_config, lm, ids[0])
+    return model_config, lm, remove_thought_tokens(tokenizer)
+
+
+def prepare_method(cfg, model_config: ModelConfig, params: Params, tokenizer: Tokenizer) -> tuple:
+    """(model config, QuietStarConfig or None, params, tokenizer) for `cfg.method`.
+
+    quiet_star: thought tokens and params are added, or kept when init_from already has
+    them (a curriculum stage continues its predecessor's thoughts and mixing head, whose
+    shapes do not depend on n_ahead). lm / ntp: a plain LM, thought parts removed.
+    """
+    has_thoughts = "thought" in params
+    if cfg.method == "quiet_star":
+        if not has_thoughts:
+            return (*add_thoughts(model_config, params, tokenizer, cfg), tokenizer)
+        qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=tokenizer.token_id(START_THOUGHT),
+                            end_token_id=tokenizer.token_id(END_THOUGHT))
+        return model_config, qs, params, tokenizer
+    if cfg.method in ("lm", "ntp"):
+        if has_thoughts:
+            model_config, params, tokenizer = strip_thoughts(model_config, params, tokenizer)
+        return model_config, None, params, tokenizer
+    raise UserError(f"method must be 'quiet_star', 'lm' or 'ntp', got {cfg.method!r}")
+
+
+def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
+    """The NTP stage's frozen thinking teacher, as `(tokens, valid, rng) -> NLL_T` (A x B x N)."""
+    path = cfg.ntp.teacher
+    if not path or not checkpoint.is_training_dir(path):
+        raise UserError(f"method=ntp needs ntp.teacher = a Quiet-STaR training directory, got {path!r}")
+    config, qs, params, _ = checkpoint.load_for_inference(path, cfg.ntp.teacher_step or None)
+    if qs is None:
+        raise UserError(f"ntp.teacher {path} is a plain LM run; the teacher must think (method=quiet_star)")
+    shardings = sharding.param_shardings(params, mesh)
+    params = jax.device_put(params, shardings)
+    nll = jax.jit(functools.partial(ntp.teacher_nll_batches, config, ntp.teacher_config(qs, ntp_config(cfg))),
+                  in_shardings=(shardings, batch_sharding, batch_sharding, None), out_shardings=batch_sharding)
+    return lambda tokens, valid, rng: nll(params, tokens, valid, rng)
 
 
 def run_meta(model_config: ModelConfig, qs: QuietStarConfig | None) -> dict[str, Any]:
@@ -167,11 +237,12 @@ def abstract_and_shardings(params_fn, optimizer, mesh):
     return abstract_state, sharding.state_shardings(abstract_state, optimizer, mesh)
 
 
-def compile_step(model_config, qs, optimizer, state_shardings, batch_sharding):
-    step = functools.partial(train_step, loss_fn=loss_fn_for(model_config, qs), optimizer=optimizer)
+def compile_step(loss_fn, optimizer, state_shardings, batch_sharding, n_inputs: int = 2):
+    """The jitted train step over `n_inputs` per-token arrays (tokens, valid, ...)."""
+    step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding, batch_sharding),
+        in_shardings=(state_shardings,) + (batch_sharding,) * n_inputs,
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
@@ -188,7 +259,7 @@ def preflight(model_config, qs, optimizer, mesh, cfg) -> dict[str, float]:
     shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, cfg.data.seq_len)
     abstract_in = lambda dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    compiled = compile_step(model_config, qs, optimizer, shardings, batch_sharding).lower(
+    compiled = compile_step(loss_fn_for(model_config, qs), optimizer, shardings, batch_sharding).lower(
         state_in, abstract_in(jnp.int32, batch_sharding), abstract_in(bool, batch_sharding)
     ).compile()
     mem = compiled.memory_analysis()
@@ -208,8 +279,8 @@ def preflight(model_config, qs, optimizer, mesh, cfg) -> dict[str, float]:
 
 def evaluate(eval_fn, state, batches: list) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for tokens, valid in batches:
-        metrics = jax.device_get(eval_fn(state.params, tokens[0], valid[0]))
+    for inputs in batches:
+        metrics = jax.device_get(eval_fn(state.params, *(x[0] for x in inputs)))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
     return totals
@@ -234,6 +305,8 @@ def evaluate_tasks(evaluator: Evaluator, task_sets: list[tuple[str, list]]) -> d
         result = evaluate_examples(evaluator, task, examples)
         metrics[f"eval/{task}/soft_score"] = result["soft_score"]
         metrics[f"eval/{task}/accuracy"] = result["accuracy"]
+    for name in ("soft_score", "accuracy"):  # the papers' benchmark average
+        metrics[f"eval/average/{name}"] = float(np.mean([metrics[f"eval/{task}/{name}"] for task, _ in task_sets]))
     return metrics
 
 
@@ -263,43 +336,64 @@ class Preemption:
         return self.requested
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False) -> None:
+    """One training run, or with `curriculum.stages` the whole chain of them."""
     init_distributed(cfg.distributed)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    optimizer_config = dataclass_from(OptimizerConfig, cfg.optimizer)
-    optimizer = make_optimizer(optimizer_config)
-    learning_rate = learning_rate_schedule(optimizer_config)
-    if _PREFLIGHT.value:
+    if preflight_only:
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        optimizer = make_optimizer(dataclass_from(OptimizerConfig, cfg.optimizer))
         model_config = dataclass_from(ModelConfig, cfg.model, vocab_size=cfg.preflight_vocab_size)
         qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=model_config.vocab_size - 2,
                             end_token_id=model_config.vocab_size - 1)
         print(json.dumps(preflight(model_config, qs, optimizer, mesh, cfg)))
         return
-
     if cfg.init_from and not os.path.isdir(cfg.init_from):
         raise UserError(f"init_from directory does not exist: {cfg.init_from} (convert a HF checkpoint with "
                         f"python -m qstar_jax.convert --hf-checkpoint HF_DIR --output {cfg.init_from})")
+    if cfg.curriculum.stages:
+        preempted = Preemption()
+        curriculum.run_chain(cfg, workdir, functools.partial(train_run, preempted=preempted))
+    else:
+        train_run(cfg, workdir)
+
+
+def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculum.Selection | None = None,
+              preempted: Preemption | None = None) -> bool:
+    """Trains `cfg.steps` steps in `workdir` (resuming there); False if preempted first.
+
+    With `selection`, every checkpoint carries that evaluation metric and the best one is
+    kept whatever `keep_checkpoints` says (a curriculum stage picks it for the next stage).
+    """
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    optimizer_config = dataclass_from(OptimizerConfig, cfg.optimizer)
+    optimizer = make_optimizer(optimizer_config)
+    learning_rate = learning_rate_schedule(optimizer_config)
     documents = data.load_documents(cfg.data)
     train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_documents)
     os.makedirs(workdir, exist_ok=True)
     model_config, params, tokenizer = load_base_model(cfg, train_docs, workdir)
-    if cfg.method == "quiet_star":
-        model_config, qs, params = add_thoughts(model_config, params, tokenizer, cfg)
-    elif cfg.method == "lm":
-        qs = None
-    else:
-        raise UserError(f"method must be 'quiet_star' or 'lm', got {cfg.method!r}")
+    model_config, qs, params, tokenizer = prepare_method(cfg, model_config, params, tokenizer)
     sampler = data.WindowSampler(data.token_stream(train_docs, tokenizer), cfg.data.seq_len, cfg.seed)
     batches = Batches(sampler, cfg.grad_accum, cfg.batch_size, mesh)
+    teacher = load_teacher(cfg, mesh, batches.sharding) if cfg.method == "ntp" else None
+
+    def inputs_at(source: Batches, step: int, rng_seed: int) -> tuple:
+        """(tokens, valid) of a step, plus the teacher's NLL of them for the NTP student."""
+        tokens, valid = source(step)
+        if teacher is None:
+            return tokens, valid
+        return tokens, valid, teacher(tokens, valid, jax.random.fold_in(jax.random.key(rng_seed), step))
+
     eval_batches = []
     if eval_docs and cfg.eval_every > 0:
         eval_sampler = data.WindowSampler(data.token_stream(eval_docs, tokenizer), cfg.data.seq_len, cfg.seed + 1)
         eval_source = Batches(eval_sampler, 1, batches.micro, mesh)
-        eval_batches = [eval_source(i) for i in range(cfg.eval_batches)]
+        eval_batches = [inputs_at(eval_source, i, cfg.seed + 4) for i in range(cfg.eval_batches)]
 
     task_sets = parse_eval_tasks(cfg.eval_tasks)
     meta = run_meta(model_config, qs)
-    ckpt = TrainCheckpointsWithMeta(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, meta)
+    ckpt = TrainCheckpointsWithMeta(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, meta,
+                                    None if selection is None else selection.mode)
     abstract_state, state_shardings = abstract_and_shardings(lambda p=params: p, optimizer, mesh)
     start_step = ckpt.latest_step()
     if start_step is None:
@@ -312,17 +406,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     del params
     checkpoint.save_model_files(workdir, model_config, tokenizer)  # for evaluate / generate
 
-    step_fn = compile_step(model_config, qs, optimizer, state_shardings, batches.sharding)
-    eval_loss = loss_fn_for(model_config, qs)
-    eval_fn = jax.jit(lambda p, t, v: eval_loss(p, t, v, jax.random.key(cfg.seed + 2))[1])
+    loss_fn = loss_fn_for(model_config, qs, ntp_config(cfg) if cfg.method == "ntp" else None)
+    step_fn = compile_step(loss_fn, optimizer, state_shardings, batches.sharding, 2 if teacher is None else 3)
+    eval_fn = jax.jit(lambda p, t, v, *x: loss_fn(p, t, v, jax.random.key(cfg.seed + 2), *x)[1])
     log = MetricsLog(workdir, cfg.steps, start_step, cfg.wandb_project, cfg.to_dict())
-    preempted = Preemption()
+    preempted = preempted or Preemption()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     step = start_step
     last_log = (step, time.perf_counter())
     while step < cfg.steps:
-        tokens, valid = batches(step)
-        state, metrics = step_fn(state, tokens, valid)
+        state, metrics = step_fn(state, *inputs_at(batches, step, cfg.seed + 3))
         step += 1
         last = step == cfg.steps
         want_save = step % cfg.checkpoint_every == 0 or last or preempted(step)
@@ -338,32 +431,40 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
             last_log = (step, now)
             metrics["learning_rate"] = float(learning_rate(step))
             log.write(step, metrics)
+        metric = None
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last):
+            eval_metrics = {}
             if eval_batches:
-                log.write(step, {f"eval/{k}": v for k, v in evaluate(eval_fn, state, eval_batches).items()})
+                eval_metrics.update({f"eval/{k}": v for k, v in evaluate(eval_fn, state, eval_batches).items()})
             if task_sets:
                 evaluator = Evaluator(model_config, qs, state.params, tokenizer, qs is not None)
-                log.write(step, evaluate_tasks(evaluator, task_sets))
+                eval_metrics.update(evaluate_tasks(evaluator, task_sets))
+            if selection is not None:
+                metric = curriculum.selection_metric(eval_metrics, selection.metric)
+                eval_metrics[curriculum.SELECTION_KEY] = metric
+            if eval_metrics:
+                log.write(step, eval_metrics)
         if want_save:
-            ckpt.save(step, state)
+            ckpt.save(step, state, metric)
             if preempted.requested:
                 ckpt.wait()
                 log.close()
                 print(f"preempted: saved checkpoint at step {step}, exiting", flush=True)
-                return
+                return False
     ckpt.wait()
     log.close()
+    return True
 
 
 class TrainCheckpointsWithMeta(checkpoint.TrainCheckpoints):
     """Training checkpoints that carry and check the run's model / method configs."""
 
-    def __init__(self, directory: str, keep: int, meta: dict[str, Any]):
-        super().__init__(directory, keep)
+    def __init__(self, directory: str, keep: int, meta: dict[str, Any], best_mode: str | None = None):
+        super().__init__(directory, keep, best_mode=best_mode)
         self.meta = meta
 
-    def save(self, step: int, state: TrainState) -> None:  # type: ignore[override]
-        super().save(step, state.to_dict(), {"next_step": step}, self.meta)
+    def save(self, step: int, state: TrainState, metric: float | None = None) -> None:  # type: ignore[override]
+        super().save(step, state.to_dict(), {"next_step": step}, self.meta, metric)
 
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState) -> TrainState:  # type: ignore[override]
         saved = self.restore_meta(step)
@@ -391,7 +492,7 @@ def main(argv: list[str]) -> None:
         raise UserError("--config experiments/NAME.py is required")
     if not _WORKDIR.value and not _PREFLIGHT.value:
         raise UserError("--workdir DIR is required")
-    train(cfg, _WORKDIR.value)
+    train(cfg, _WORKDIR.value, _PREFLIGHT.value)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ import optax
 
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.model import Params, next_token_loss
+from qstar_jax.ntp import NTPConfig, ntp_loss
 from qstar_jax.quiet_star import quiet_star_loss
 
 
@@ -91,12 +92,16 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation, rn
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
-LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# (params, tokens_BxN, valid_BxN, rng, *per-token inputs_BxN) -> (loss, metrics)
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def loss_fn_for(model_config: ModelConfig, qs: QuietStarConfig | None) -> LossFn:
-    """(params, tokens, valid, rng) -> (loss, metrics): Quiet-STaR, or plain next-token NLL
-    when `qs` is None (base-model pretraining, control runs, distilled students)."""
+def loss_fn_for(model_config: ModelConfig, qs: QuietStarConfig | None, ntp: NTPConfig | None = None) -> LossFn:
+    """(params, tokens, valid, rng, ...) -> (loss, metrics): Quiet-STaR; plain next-token NLL
+    when `qs` is None (base-model pretraining, control runs); with `ntp`, the Fast
+    Quiet-STaR NTP student, whose extra input is the teacher's NLL per gold token."""
+    if ntp is not None:
+        return lambda p, t, v, r, teacher_nll: ntp_loss(model_config, ntp, p, t, v, r, teacher_nll)
     if qs is None:
         return lambda p, t, v, r: next_token_loss(model_config, p, t, v)
     return lambda p, t, v, r: quiet_star_loss(model_config, qs, p, t, v, r)
@@ -106,28 +111,33 @@ def train_step(
     state: TrainState,
     tokens_AxBxN: jax.Array,
     valid_AxBxN: jax.Array,
-    *,
+    *inputs_AxBxN: jax.Array,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from A accumulated micro-batches of B sequences of N tokens."""
+    """One optimizer update from A accumulated micro-batches of B sequences of N tokens.
+
+    `inputs_AxBxN` are further per-token arrays the loss takes after the rng (the NTP
+    stage's teacher NLL), split into micro-batches like the tokens.
+    """
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro(carry, xs):
         grads_sum, metrics_sum = carry
-        index, tokens_BxN, valid_BxN = xs
-        (_, metrics), grads = grad_fn(state.params, tokens_BxN, valid_BxN, jax.random.fold_in(step_rng, index))
+        index, tokens_BxN, valid_BxN, inputs_BxN = xs
+        (_, metrics), grads = grad_fn(state.params, tokens_BxN, valid_BxN, jax.random.fold_in(step_rng, index),
+                                      *inputs_BxN)
         return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
     accum = tokens_AxBxN.shape[0]
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     zero_metrics = jax.eval_shape(
-        lambda: grad_fn(state.params, tokens_AxBxN[0], valid_AxBxN[0], step_rng)[0][1]
+        lambda: grad_fn(state.params, tokens_AxBxN[0], valid_AxBxN[0], step_rng, *(x[0] for x in inputs_AxBxN))[0][1]
     )
     zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
     (grads, metrics), _ = jax.lax.scan(
-        micro, (zero_grads, zero_metrics), (jnp.arange(accum), tokens_AxBxN, valid_AxBxN)
+        micro, (zero_grads, zero_metrics), (jnp.arange(accum), tokens_AxBxN, valid_AxBxN, inputs_AxBxN)
     )
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = jax.tree.map(lambda m: m / accum, metrics)
