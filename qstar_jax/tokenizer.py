@@ -127,9 +127,22 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        shutil.copyfile(self._model_file, os.path.join(directory, "tokenizer.model"))
-        with open(os.path.join(directory, SP_ADDED_TOKENS_FILE), "w") as f:
-            json.dump(self._added, f, indent=2)
+        _write_atomically(os.path.join(directory, "tokenizer.model"),
+                          lambda path: shutil.copyfile(self._model_file, path))
+        _write_atomically(os.path.join(directory, SP_ADDED_TOKENS_FILE), lambda path: _write_json(path, self._added))
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
+def _write_atomically(path: str, write) -> None:
+    """`write(tmp)` then rename onto `path`: every process of a multi-host run saves the same
+    files into a shared directory, and a reader must never see a half-written one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
 
 
 class HFTokenizer(Tokenizer):
@@ -177,9 +190,9 @@ class HFTokenizer(Tokenizer):
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        self._tok.save(os.path.join(directory, "tokenizer.json"))
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(self._special, f, indent=2)
+        _write_atomically(os.path.join(directory, "tokenizer.json"), self._tok.save)
+        _write_atomically(os.path.join(directory, "tokenizer_config.json"),
+                          lambda path: _write_json(path, self._special))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -263,8 +276,8 @@ def train_word_tokenizer(documents: Sequence[str], directory: str) -> Tokenizer:
 
 
 def _save_and_load(tok: tokenizers.Tokenizer, directory: str) -> Tokenizer:
-    os.makedirs(directory, exist_ok=True)
-    tok.save(os.path.join(directory, "tokenizer.json"))
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": EOS_TEXT}, f)
-    return load_tokenizer(directory)
+    """The trained tokenizer, saved for later runs and tools; used as built, not read back
+    (another process of the same run may be saving the same files at this moment)."""
+    tokenizer = HFTokenizer(tok, {"eos_token": EOS_TEXT})
+    tokenizer.save(directory)
+    return tokenizer
