@@ -91,6 +91,8 @@ def sample_thoughts(config, qs, params, tokenizer, items: list[Problem], seed: i
 def explicit_accuracy(config, qs, params, tokenizer, items: list[Problem]) -> dict:
     """Accuracy when the model writes the working out itself (greedy, no thinking)."""
     steps = len(items[0].working.split())
+    if not steps or any(len(p.working.split()) != steps for p in items):
+        raise UserError("--explicit needs every problem's working, all of the same length (as toy_reasoning writes)")
     tokens, valid = left_pad([_prompt_ids(tokenizer, f"{p.question} {DELIMITER}") for p in items], tokenizer.pad_id)
     out_BxM, _ = generate(config, qs, params, tokens, valid, jax.random.key(0), steps + 2, 0.0, False)
     texts = [tokenizer.decode(np.asarray(row).tolist()).split() for row in out_BxM]

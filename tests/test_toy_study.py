@@ -18,7 +18,7 @@ from qstar_jax.errors import UserError
 from qstar_jax.model import apply_lm, init_params
 from qstar_jax.quiet_star import init_quiet_star_params
 from qstar_jax.tokenizer import add_thought_tokens, load_tokenizer, train_word_tokenizer
-from qstar_jax.toy_eval import answer_metrics
+from qstar_jax.toy_eval import answer_metrics, explicit_accuracy
 from qstar_jax.toy_study import TABLE_END, TABLE_START
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +62,8 @@ def test_problem_files_round_trip_and_bad_files_fail_in_one_line(tmp_path):
     items = toy_reasoning.problems(7, seed=3)
     toy_reasoning.write_problems(path, items)
     assert toy_reasoning.read_problems(path) == items
+    with pytest.raises(UserError, match="explicit needs every problem's working"):
+        explicit_accuracy(None, None, None, None, [items[0]._replace(working="")])
     with pytest.raises(UserError, match="problems file not found"):
         toy_reasoning.read_problems(str(tmp_path / "missing.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"question": "1 + 2 ="}\n')
