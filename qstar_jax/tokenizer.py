@@ -254,7 +254,7 @@ def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int, directory: st
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer)
-    return _save_and_load(tok, directory)
+    return _saved(tok, directory)
 
 
 def train_word_tokenizer(documents: Sequence[str], directory: str) -> Tokenizer:
@@ -272,10 +272,10 @@ def train_word_tokenizer(documents: Sequence[str], directory: str) -> Tokenizer:
     vocab = {token: i for i, token in enumerate([EOS_TEXT, UNKNOWN_TEXT, *words])}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN_TEXT))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return _save_and_load(tok, directory)
+    return _saved(tok, directory)
 
 
-def _save_and_load(tok: tokenizers.Tokenizer, directory: str) -> Tokenizer:
+def _saved(tok: tokenizers.Tokenizer, directory: str) -> Tokenizer:
     """The trained tokenizer, saved for later runs and tools; used as built, not read back
     (another process of the same run may be saving the same files at this moment)."""
     tokenizer = HFTokenizer(tok, {"eos_token": EOS_TEXT})

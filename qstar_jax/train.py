@@ -321,6 +321,8 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
+        self.checks = 0  # the sync-point counter: one check per step in every process, and
+        # monotonic across the stages of a curriculum chain (whose step numbers restart)
         if jax.process_count() == 1:
             signal.signal(signal.SIGTERM, self._handle)
 
@@ -328,11 +330,12 @@ class Preemption:
         del signum, frame
         self.requested = True
 
-    def __call__(self, step: int) -> bool:
+    def __call__(self) -> bool:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            self.requested = multihost_utils.reached_preemption_sync_point(step)
+            self.checks += 1
+            self.requested = multihost_utils.reached_preemption_sync_point(self.checks)
         return self.requested
 
 
@@ -418,7 +421,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
         state, metrics = step_fn(state, *inputs_at(batches, step, cfg.seed + 3))
         step += 1
         last = step == cfg.steps
-        want_save = step % cfg.checkpoint_every == 0 or last or preempted(step)
+        want_save = step % cfg.checkpoint_every == 0 or last or preempted()
         if step % cfg.log_every == 0 or want_save:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not np.isfinite(metrics["loss"]):
