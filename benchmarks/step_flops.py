@@ -2,17 +2,7 @@
 
     python benchmarks/step_flops.py [--config experiments/mistral_owm.py] [--check]
 
-What one step computes (quiet_star.rollout): a base pass over B x N tokens, then
-n_steps = (n_ahead - 1) + (n_ahead_talk - 1) thought steps, each feeding T = n_passes * N
-tokens per row through every layer. A thought query attends to all N base keys (masked,
-not skipped) plus the S = n_steps slots of its own thought cache plus itself. The LM head
-runs on the base pass, the n_ahead - 3 sampling steps and the n_ahead_talk talk steps (not
-on step n_ahead - 2); the mixing head on the talk steps.
-
-"model" FLOPs are forward + backward (3x forward), the convention MFU is quoted in.
-"executed" adds what rematerialisation recomputes in the backward pass: the thought steps
-(quiet_star.remat_steps), every layer again (model.remat, nested inside the former), and
-the LM-head chunks (rows_in_chunks checkpoints each chunk once rows exceed the chunk).
+The counting lives in qstar_jax/flops.py (the training log's MFU uses it).
 
 `--check` compiles the forward loss of a small model whose loops all run once and compares
 XLA's own count (`compiled.cost_analysis()`, which counts a loop body once) with this one.
@@ -33,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.flops import forward_flops, step_flops
 
 
 def load_experiment(path: str):
@@ -47,58 +38,6 @@ def configs_from(cfg) -> tuple[ModelConfig, QuietStarConfig]:
     model = ModelConfig(**{**cfg.model.to_dict(), "vocab_size": vocab})
     qs = QuietStarConfig(**cfg.quiet_star.to_dict(), start_token_id=vocab - 2, end_token_id=vocab - 1)
     return model, qs
-
-
-def layer_matmul_params(m: ModelConfig) -> int:
-    """Weights one token multiplies through in one layer: q, k, v, o and the SwiGLU MLP."""
-    d, h, g, k, f = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size
-    return d * h * k + 2 * d * g * k + h * k * d + 3 * d * f
-
-
-def forward_flops(m: ModelConfig, qs: QuietStarConfig, batch: int, seq: int) -> dict[str, int]:
-    """Forward FLOPs of one Quiet-STaR loss evaluation, by part (2 FLOPs per multiply-add)."""
-    b, n, p, s = batch, seq, qs.n_passes, qs.n_steps
-    t = p * n  # thought queries per row
-    layers, heads, k = m.num_layers, m.num_heads, m.head_dim
-    lm_head = 2 * m.hidden_size * m.vocab_size
-    d = m.hidden_size
-    mixing = 2 * (2 * d * d + d * d + d)
-    head_steps = qs.n_sampled + qs.n_ahead_talk  # thought steps that apply the LM head
-    return {
-        "base_layers": 2 * layer_matmul_params(m) * layers * b * n,
-        "base_attention": 4 * b * heads * n * n * k * layers,  # q.k and p.v over the full N x N
-        "base_lm_head": lm_head * b * n,
-        "thought_layers": 2 * layer_matmul_params(m) * layers * b * t * s,
-        "thought_attention": 4 * b * heads * t * (n + s + 1) * k * layers * s,
-        "thought_lm_head": lm_head * b * t * head_steps,
-        "mixing_head": mixing * b * t * qs.n_ahead_talk,
-    }
-
-
-def step_flops(m: ModelConfig, qs: QuietStarConfig, batch: int, seq: int) -> dict[str, float]:
-    fwd = forward_flops(m, qs, batch, seq)
-    forward = sum(fwd.values())
-    thought = fwd["thought_layers"] + fwd["thought_attention"] + fwd["thought_lm_head"] + fwd["mixing_head"]
-    recompute = 0
-    if qs.remat_steps:
-        recompute += thought
-    if m.remat:  # inside a rematerialised thought step the layers run once more still
-        recompute += fwd["base_layers"] + fwd["base_attention"] + fwd["thought_layers"] + fwd["thought_attention"]
-    chunked = qs.logits_chunk_rows > 0
-    if chunked and batch * seq > qs.logits_chunk_rows:
-        recompute += fwd["base_lm_head"]
-    if chunked and batch * qs.n_passes * seq > qs.logits_chunk_rows:
-        recompute += fwd["thought_lm_head"]
-    tokens_through_layers = batch * seq * (1 + qs.n_passes * qs.n_steps)
-    return {
-        "forward_by_part": fwd,
-        "forward": forward,
-        "model_flops_per_step": 3 * forward,
-        "executed_flops_per_step": 3 * forward + recompute,
-        "token_passes_per_step": tokens_through_layers,
-        "flops_per_token_pass": 3 * forward / tokens_through_layers,
-        "six_n_per_token_pass": 6 * (layer_matmul_params(m) * m.num_layers + m.hidden_size * m.vocab_size),
-    }
 
 
 def check_against_xla() -> dict[str, float]:

@@ -1,12 +1,18 @@
 """The paper's run: Quiet-STaR on Mistral-7B-v0.1 with OpenWebMath (Zelikman et al. 2024).
 
-Prepare once (offline after the downloads):
-    python -m qstar_jax.convert --hf-checkpoint PATH/Mistral-7B-v0.1 --output checkpoints/mistral-7b-v0.1
-    # OpenWebMath as parquet/jsonl files with a "text" field, e.g. the HF dataset's parquet shards:
-    mkdir -p data/open-web-math && cp PATH/open-web-math/data/*.parquet data/open-web-math/
-Run (one host; on a pod see launch/):
+Prepare once, on a machine with network access (any path works, gs:// included):
+    huggingface-cli download mistralai/Mistral-7B-v0.1 --local-dir hf/mistral-7b-v0.1
+    python -m qstar_jax.convert --hf-checkpoint hf/mistral-7b-v0.1 --output checkpoints/mistral-7b-v0.1
+    # OpenWebMath as the HF dataset ships it: parquet shards with a "text" column
+    huggingface-cli download open-web-math/open-web-math --repo-type dataset --local-dir data/open-web-math
+    # the zero-shot benchmarks evaluated every 10 steps, in their public JSONL layouts
+    mkdir -p data/gsm8k data/csqa
+    curl -L -o data/gsm8k/test.jsonl https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl
+    curl -L -o data/csqa/dev.jsonl https://s3.amazonaws.com/commensenseqa/dev_rand_split.jsonl
+Run (one host; on a pod see launch/ and docs/scaling.md):
     python -m qstar_jax.train --config experiments/mistral_owm.py --workdir runs/mistral_owm
 Check memory first without weights:  ... --preflight (reports per-device GB for this mesh).
+Without the benchmark files: --config.eval_tasks= (held-out NLL is still evaluated).
 """
 
 import ml_collections
@@ -30,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.quiet_star.update(n_ahead=12, n_ahead_talk=4, n_passes=2)  # official defaults
     config.optimizer.update(learning_rate=1e-6, warmup_steps=20, weight_decay=0.001, grad_clip_norm=1.0)
     config.data.update(source="files", path="data/open-web-math", max_documents=1000, seq_len=256,
-                       eval_documents=0)
+                       eval_documents=50)
+    # 200 problems of each, with thinking, at every evaluation: the paper's zero-shot metrics
+    config.eval_tasks = "gsm8k:data/gsm8k/test.jsonl:200,csqa:data/csqa/dev.jsonl:200"
     config.batch_size = 8
     config.steps = 100
     config.optimizer.total_steps = config.steps

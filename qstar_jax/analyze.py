@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qstar_jax import paths
 from qstar_jax.checkpoint import load_for_inference
 from qstar_jax.data import file_documents
 from qstar_jax.errors import UserError, exit_on_user_error
@@ -53,7 +53,10 @@ def decile_table(base_nll: np.ndarray, gain: np.ndarray) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict]) -> bytes:
+    """The per-decile gain bar chart as PNG bytes (written through the path layer)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,8 +70,10 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title("Where thinking helps")
     ax.set_xticks(range(1, 11))
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    return png.getvalue()
 
 
 def _colour(gain: float, scale: float) -> str:
@@ -121,15 +126,13 @@ def analyze(checkpoint: str, data: str, output: str, seq_len: int, max_documents
         raise UserError(f"no document in {data} has two or more tokens")
     nll, gain = np.concatenate(all_nll), np.concatenate(all_gain)
     rows = decile_table(nll, gain)
-    os.makedirs(output, exist_ok=True)
-    plot(rows, os.path.join(output, "hard_tokens.png"))
-    with open(os.path.join(output, "thoughts.html"), "w", encoding="utf-8") as f:
-        f.write(html_page(sequences, tokenizer, float(np.quantile(np.abs(gain), 0.95)) or 1.0))
+    out = paths.path(output)
+    paths.write_bytes(out / "hard_tokens.png", plot(rows))
+    paths.write_text(out / "thoughts.html", html_page(sequences, tokenizer, float(np.quantile(np.abs(gain), 0.95)) or 1.0))
     summary = {"checkpoint": checkpoint, "documents": len(sequences), "tokens": int(len(gain)),
                "mean_gain": float(gain.mean()), "mean_base_nll": float(nll.mean()),
                "fraction_improved": float((gain > 0).mean()), "deciles": rows}
-    with open(os.path.join(output, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    paths.write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

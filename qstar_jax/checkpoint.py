@@ -1,10 +1,14 @@
-"""Model directories on disk: an Orbax checkpoint of the params plus the model config.
+"""Model directories and training checkpoints, local or in a bucket, restored into shardings.
 
 Layout of a model directory (what `convert` writes and training can start from):
 
-    DIR/model_config.json   ModelConfig (architecture + dtypes)
-    DIR/params/             Orbax StandardCheckpointer tree of the LM params
-    DIR/tokenizer/          optional: tokenizer files (see tokenizer.py)
+    DIR/model_config.json        ModelConfig (architecture + dtypes)
+    DIR/params/NAME/             one Orbax checkpoint per array: a parameter, or one layer of
+                                 a scanned layer stack (embed_tokens.embedding,
+                                 layers.3.q_proj.kernel), so a writer holds one layer's
+                                 tensor at a time and converting a 7B model does not need
+                                 the model in host memory
+    DIR/tokenizer/               optional: tokenizer files (see tokenizer.py)
 
 Orbax handles local paths and bucket paths (gs://...) alike and restores straight onto a
 sharding when the abstract target carries one, so the same files serve a laptop and a pod.
@@ -12,12 +16,15 @@ sharding when the abstract target carries one, so the same files serve a laptop 
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from qstar_jax import paths, sharding
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError
 from qstar_jax.model import Params, init_params
@@ -30,59 +37,119 @@ CHECKPOINTS_DIR = "checkpoints"
 SELECTION_METRIC = "selection"  # the name a checkpoint's ranking value is stored under
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+def sharded_target(abstract_params: Any, mesh: Mesh, param_dtype: str | None = None) -> Any:
+    """ShapeDtypeStructs carrying the mesh's shardings: what a restore fills, shard by shard.
+
+    With `param_dtype`, floating leaves are restored in that dtype (a bfloat16 checkpoint
+    becomes float32 master weights); Orbax casts while reading, per shard.
+    """
+    shardings = sharding.param_shardings(abstract_params, mesh)
+
+    def target(leaf, leaf_sharding):
+        dtype = leaf.dtype
+        if param_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.dtype(param_dtype)
+        return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf_sharding)
+
+    return jax.tree.map(target, abstract_params, shardings)
 
 
-def save_model(directory: str, config: ModelConfig, params: Params, tokenizer: Tokenizer | None = None) -> None:
-    directory = _absolute(directory)
-    os.makedirs(directory, exist_ok=True)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(params_dir):
+LAYER_STACK = "layers"  # params under this key carry the scanned layer axis first
+
+
+def item_name(path: tuple[str, ...], layer: int | None) -> str:
+    """The directory of one stored array: `embed_tokens.embedding`, `layers.3.q_proj.kernel`."""
+    return ".".join(path if layer is None else (path[0], str(layer), *path[1:]))
+
+
+def param_items(params: Params) -> Iterator[tuple[tuple[str, ...], int | None, jax.Array]]:
+    """A params tree as stored items: layer stacks split into one array per layer."""
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        path = tuple(k.key for k in key_path)
+        for layer in range(leaf.shape[0]) if path[0] == LAYER_STACK else [None]:
+            yield path, layer, leaf if layer is None else leaf[layer]
+
+
+def save_model(directory: str, config: ModelConfig, params: Params | Iterable[tuple[tuple[str, ...], int | None, Any]],
+               tokenizer: Tokenizer | None = None) -> None:
+    """Writes a model directory (params, model_config.json, tokenizer/) locally or to a bucket.
+
+    `params` is a params tree, or (path, layer, array) items as `hf.hf_model_items` streams
+    them: each item is written and let go before the next is taken, so converting a model
+    holds one layer's tensor, not the model. Every process calls this (an Orbax save is
+    collective); process 0 writes the small files.
+    """
+    params_dir = paths.path(directory) / PARAMS_DIR
+    if params_dir.exists():
         raise UserError(f"{directory} already holds a model; choose an empty output directory")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, params)
-    checkpointer.wait_until_finished()
-    config.save(os.path.join(directory, MODEL_CONFIG_FILE))
+    items = param_items(params) if isinstance(params, dict) else params
+    with ocp.StandardCheckpointer() as checkpointer:
+        for path, layer, array in items:
+            checkpointer.save(paths.absolute(params_dir / item_name(path, layer)), {"value": array})
+            checkpointer.wait_until_finished()
+    save_model_files(directory, config, tokenizer)
+
+
+def save_model_files(directory: str, config: ModelConfig, tokenizer: Tokenizer | None) -> None:
+    """The config and tokenizer beside params or training checkpoints (tools read them);
+    written by process 0 only."""
+    if not paths.is_writer():
+        return
+    config.save(str(paths.path(directory) / MODEL_CONFIG_FILE))
     if tokenizer is not None:
-        tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
-
-
-def save_model_files(directory: str, config: ModelConfig, tokenizer: Tokenizer) -> None:
-    """The config and tokenizer a training workdir needs beside its checkpoints (tools read them)."""
-    os.makedirs(directory, exist_ok=True)
-    config.save(os.path.join(directory, MODEL_CONFIG_FILE))
-    tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
+        tokenizer.save(str(paths.path(directory) / TOKENIZER_DIR))
 
 
 def is_model_dir(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, MODEL_CONFIG_FILE)) and os.path.isdir(
-        os.path.join(directory, PARAMS_DIR)
-    )
+    return (paths.path(directory) / MODEL_CONFIG_FILE).is_file() and (paths.path(directory) / PARAMS_DIR).is_dir()
 
 
 def load_model_config(directory: str) -> ModelConfig:
     if not is_model_dir(directory):
         raise UserError(f"{directory} is not a qstar_jax model directory (needs {MODEL_CONFIG_FILE} and {PARAMS_DIR}/)")
-    return ModelConfig.load(os.path.join(directory, MODEL_CONFIG_FILE))
+    return ModelConfig.load(str(paths.path(directory) / MODEL_CONFIG_FILE))
 
 
-def load_model(directory: str, abstract_params: Any = None) -> tuple[ModelConfig, Params]:
-    """Restores (config, params); `abstract_params` (ShapeDtypeStructs, maybe sharded) sets layout."""
+def load_model(directory: str, mesh: Mesh | None = None, param_dtype: str | None = None) -> tuple[ModelConfig, Params]:
+    """Restores (config, params) straight into `mesh`'s shardings (default: the host CPU).
+
+    Each device reads only its shard; nothing depends on the devices that saved the files.
+    `param_dtype` (e.g. float32 master weights) overrides the stored dtype.
+    """
     config = load_model_config(directory)
-    if abstract_params is None:
-        abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    try:
-        params = ocp.StandardCheckpointer().restore(
-            os.path.join(_absolute(directory), PARAMS_DIR), abstract_params
-        )
-    except ValueError as e:  # orbax reports tree/shape mismatches as ValueError
-        raise UserError(f"params in {directory} do not match its model config: {str(e).splitlines()[0]}") from e
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    target = sharded_target(abstract, mesh or sharding.host_mesh(), param_dtype)
+    params_dir = paths.path(directory) / PARAMS_DIR
+    saved = {child.name for child in params_dir.iterdir()}
+    with ocp.StandardCheckpointer() as checkpointer:
+
+        def restore(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+            if name not in saved:
+                raise UserError(f"params in {directory} do not match its model config: no parameter {name}")
+            try:
+                return checkpointer.restore(paths.absolute(params_dir / name), {"value": target})["value"]
+            except ValueError as e:  # orbax reports shape mismatches as ValueError
+                raise UserError(f"params in {directory} do not match its model config: {name}: "
+                                f"{str(e).splitlines()[0]}") from e
+
+        def restore_param(key_path, target: jax.ShapeDtypeStruct) -> jax.Array:
+            path = tuple(k.key for k in key_path)
+            if path[0] != LAYER_STACK:
+                return restore(item_name(path, None), target)
+            spec = target.sharding.spec
+            layer_target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype, sharding=NamedSharding(
+                target.sharding.mesh, P(*tuple(spec)[1:])))
+            layers = [restore(item_name(path, i), layer_target) for i in range(target.shape[0])]
+            return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target.sharding)(*layers)
+
+        params = jax.tree_util.tree_map_with_path(restore_param, target)
     return config, params
 
 
 def load_model_tokenizer(directory: str) -> Tokenizer:
-    tokenizer_dir = os.path.join(directory, TOKENIZER_DIR)
+    tokenizer_dir = str(paths.path(directory) / TOKENIZER_DIR)
     if not has_tokenizer(tokenizer_dir):
         raise UserError(f"model directory {directory} has no tokenizer/")
     return load_tokenizer(tokenizer_dir)
@@ -109,7 +176,7 @@ class TrainCheckpoints:
     def __init__(self, directory: str, keep: int, async_save: bool = True, best_mode: str | None = None):
         """Keeps the newest `keep` checkpoints; with `best_mode` ("min" or "max") also the one
         with the best metric passed to `save`, so a curriculum stage never loses its pick."""
-        self.directory = _absolute(directory)
+        self.directory = paths.absolute(directory)
         policies = [ocp.checkpoint_managers.LatestN(keep)]
         if best_mode is not None:
             policies.append(ocp.checkpoint_managers.BestN(
@@ -153,20 +220,21 @@ class TrainCheckpoints:
         )
         return restored["state"], restored["data"]
 
-    def restore_on_one_device(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(state, meta) of a step onto the first local device, whatever mesh saved it.
+    def restore_params(self, step: int, mesh: Mesh, param_dtype: str | None = None) -> tuple[Params, dict[str, Any]]:
+        """(params, meta) of a step, sharded on `mesh`; the optimizer state is not read.
 
-        For tools (evaluation, generation, tests) that read a training run's result.
+        For tools and for runs that start from another run (curriculum stages, the NTP
+        teacher): shapes come from the checkpoint's metadata, shardings from `mesh`.
         """
-        state_dir = os.path.join(self.directory, str(step), "state")
-        tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-        )
-        return restored["state"], restored["meta"]
+        state_dir = paths.path(self.directory) / str(step) / "state"
+        stored = ocp.StandardCheckpointer().metadata(paths.absolute(state_dir)).item_metadata["params"]
+        target = {"params": sharded_target(stored, mesh, param_dtype)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return restored["state"]["params"], restored["meta"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -179,18 +247,21 @@ class TrainCheckpoints:
 
 
 def is_training_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))
+    return (paths.path(path) / CHECKPOINTS_DIR).is_dir()
 
 
-def load_for_inference(path: str, step: int | None = None):
+def load_for_inference(path: str, step: int | None = None, mesh: Mesh | None = None,
+                       param_dtype: str | None = None):
     """(model config, QuietStarConfig or None, params, tokenizer) from a run or a model directory.
 
     A training workdir (the `--workdir` of qstar_jax.train) gives its checkpoint at `step`
     (default: the newest) with thought parameters; a model directory (qstar_jax.convert)
-    gives a plain LM.
+    gives a plain LM. Params are restored into `mesh`'s shardings (default: FSDP over every
+    device, so a model larger than one chip still loads for evaluation and generation).
     """
+    mesh = mesh or sharding.make_mesh(1, -1, 1)
     if is_training_dir(path):
-        ckpt = TrainCheckpoints(os.path.join(path, CHECKPOINTS_DIR), keep=1_000_000)
+        ckpt = TrainCheckpoints(str(paths.path(path) / CHECKPOINTS_DIR), keep=1_000_000)
         steps = ckpt.manager.all_steps()
         if not steps:
             raise UserError(f"training directory {path} has no finished checkpoint yet")
@@ -199,14 +270,16 @@ def load_for_inference(path: str, step: int | None = None):
         elif step not in steps:
             raise UserError(f"training directory {path} has no checkpoint at step {step} "
                             f"(has {', '.join(map(str, sorted(steps)))})")
-        state, meta = ckpt.restore_on_one_device(step)
+        params, meta = ckpt.restore_params(step, mesh, param_dtype)
         ckpt.close()
         config = ModelConfig.from_dict(meta["model_config"])
+        if param_dtype is not None:
+            config = config.replace(param_dtype=param_dtype)
         qs = None if meta["quiet_star"] is None else QuietStarConfig(**meta["quiet_star"])
-        return config, qs, state["params"], load_model_tokenizer(path)
+        return config, qs, params, load_model_tokenizer(path)
     if is_model_dir(path):
         if step is not None:
             raise UserError(f"{path} is a model directory; it has no training steps to choose from")
-        config, params = load_model(path)
+        config, params = load_model(path, mesh, param_dtype)
         return config, None, params, load_model_tokenizer(path)
     raise UserError(f"{path} is neither a training directory (with checkpoints/) nor a model directory")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 
+from qstar_jax import paths
 from qstar_jax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -83,15 +83,11 @@ class ModelConfig:
         return cls(**values)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        paths.write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str) -> "ModelConfig":
-        if not os.path.isfile(path):
-            raise UserError(f"model config not found: {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(json.loads(paths.read_text(path, "model config")))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,11 +10,10 @@ The tokenizer files travel along in both directions when present.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 
-from qstar_jax import checkpoint, hf
+from qstar_jax import checkpoint, hf, paths
 from qstar_jax.config import SUPPORTED_DTYPES
 from qstar_jax.errors import exit_on_user_error
 from qstar_jax.gguf_io import load_gguf_model, write_tokenizer
@@ -38,9 +37,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def hf_to_model_dir(hf_dir: str, output: str, dtype: str | None) -> None:
-    config, params = hf.load_hf_model(hf_dir, param_dtype=dtype or "float32")
+    """Streams: one layer's tensor at a time is read, cast, written and dropped (host only)."""
+    config, items = hf.hf_model_items(hf_dir, param_dtype=dtype or "float32")
     tokenizer = load_tokenizer(hf_dir) if has_tokenizer(hf_dir) else None
-    checkpoint.save_model(output, config, params, tokenizer)
+    checkpoint.save_model(output, config, items, tokenizer)
     print(f"wrote {config.model_type} model ({config.num_layers} layers, vocab {config.vocab_size}, "
           f"{config.param_dtype}) to {output}")
 
@@ -57,7 +57,7 @@ def gguf_to_model_dir(gguf_file: str, output: str, dtype: str | None) -> None:
 def model_dir_to_hf(model_dir: str, output: str, dtype: str | None) -> None:
     config, params = checkpoint.load_model(model_dir)
     hf.save_hf_model(config, params, output, dtype=dtype)
-    tokenizer_dir = os.path.join(model_dir, checkpoint.TOKENIZER_DIR)
+    tokenizer_dir = str(paths.path(model_dir) / checkpoint.TOKENIZER_DIR)
     if has_tokenizer(tokenizer_dir):
         load_tokenizer(tokenizer_dir).save(output)
     print(f"wrote Hugging Face {config.model_type} checkpoint to {output}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qstar_jax import checkpoint
+from qstar_jax import checkpoint, paths, sharding
 from qstar_jax.decode import generate
 from qstar_jax.errors import UserError
 
@@ -112,11 +111,10 @@ def best_checkpoint(values: dict[int, float], mode: str) -> int:
 def logged_values(stage_dir: str) -> dict[str, float]:
     """The selection metric at every evaluation of a stage, deleted checkpoints included."""
     values = {}
-    with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if SELECTION_KEY in record:  # a resumed run may log a step twice, with the same value
-                values[str(record["step"])] = record[SELECTION_KEY]
+    for line in paths.read_text(paths.path(stage_dir) / "metrics.jsonl", "stage metrics").splitlines():
+        record = json.loads(line)
+        if SELECTION_KEY in record:  # a resumed run may log a step twice, with the same value
+            values[str(record["step"])] = record[SELECTION_KEY]
     return values
 
 
@@ -168,21 +166,17 @@ def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, float]:
             "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times]}
 
 
-def _write_json(path: str, value: Any) -> None:
-    """Written whole, then renamed: a reader never sees half a file, a kill never leaves one."""
-    if jax.process_index() != 0:
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
+def _write_json(path: paths.PathLike, value: Any) -> None:
+    """Written whole by process 0: a reader never sees half a file, a kill never leaves one."""
+    if paths.is_writer():
+        paths.write_text(path, json.dumps(value, indent=2))
 
 
 def _finished_stages(workdir: str, stages: list[Stage]) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, CHAIN_FILE)
-    if not os.path.isfile(path):
+    path = paths.path(workdir) / CHAIN_FILE
+    if not path.is_file():
         return []
-    with open(path) as f:
-        done = json.load(f)["stages"]
+    done = json.loads(path.read_text())["stages"]
     names = [s.name for s in stages]
     if [d["name"] for d in done] != names[: len(done)]:
         raise UserError(f"{path} records stages {[d['name'] for d in done]}, which do not begin the configured "
@@ -195,15 +189,15 @@ def run_chain(cfg: ml_collections.ConfigDict, workdir: str,
     """Runs (or resumes) every stage; `run_stage(cfg, workdir, selection)` trains one run and
     returns False if it was preempted (the chain then stops, to be resumed later)."""
     stages = parse_stages(cfg.curriculum.stages)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     selection = Selection(cfg.curriculum.metric, cfg.curriculum.mode)
     if selection.mode not in MODES:
         raise UserError(f"curriculum.mode must be 'min' or 'max', got {selection.mode!r}")
-    os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
     done = _finished_stages(workdir, stages)
     previous: tuple[str, int] | None = None  # (stage workdir, chosen step)
     thinking_base: tuple[str, int] | None = None  # where the first quiet_star stage started
     for i, stage in enumerate(stages):
-        stage_dir = os.path.join(workdir, "stages", f"{i + 1:02d}_{stage.name}")
+        stage_dir = str(paths.path(workdir) / "stages" / f"{i + 1:02d}_{stage.name}")
         init = previous or (cfg.init_from, cfg.init_step)
         if stage.method == "quiet_star" and thinking_base is None:
             thinking_base = init
@@ -224,7 +218,7 @@ def run_chain(cfg: ml_collections.ConfigDict, workdir: str,
         if not run_stage(stage_config(cfg, stage, init, teacher), stage_dir, selection):
             print("chain stopped before its end; run the same command to continue", flush=True)
             return
-        ckpt = checkpoint.TrainCheckpoints(os.path.join(stage_dir, checkpoint.CHECKPOINTS_DIR), keep=1_000_000)
+        ckpt = checkpoint.TrainCheckpoints(str(paths.path(stage_dir) / checkpoint.CHECKPOINTS_DIR), keep=1_000_000)
         kept = ckpt.metrics()  # the newest checkpoints and the best, each with its metric
         ckpt.close()
         best = best_checkpoint(kept, selection.mode)
@@ -232,25 +226,26 @@ def run_chain(cfg: ml_collections.ConfigDict, workdir: str,
                   "n_ahead_talk": stage.n_ahead_talk, "dir": stage_dir, "best_step": best,
                   "metric": selection.metric, "value": kept[best], "values": logged_values(stage_dir)}
         done.append(record)
-        _write_json(os.path.join(workdir, CHAIN_FILE), {"stages": done})
+        _write_json(paths.path(workdir) / CHAIN_FILE, {"stages": done})
         print(f"{header}: best step {best} {selection.metric}={kept[best]:.4g}", flush=True)
         previous = (stage_dir, best)
-    final_model = export_final_model(workdir, stages[-1], previous)
+    final_model = export_final_model(workdir, stages[-1], previous, mesh)
     # Timed together at the end, one after another, so the picks share the machine's conditions.
     summary = [{**d, **(generation_speed(d["dir"], d["best_step"], cfg.curriculum.bench_tokens)
                         if cfg.curriculum.bench_tokens > 0 else {})} for d in done]
-    _write_json(os.path.join(workdir, SUMMARY_FILE), {"metric": selection.metric, "mode": selection.mode,
+    _write_json(paths.path(workdir) / SUMMARY_FILE, {"metric": selection.metric, "mode": selection.mode,
                                                       "final_model": final_model, "stages": summary})
     print(summary_table(summary, selection.metric), flush=True)
 
 
-def export_final_model(workdir: str, stage: Stage, chosen: tuple[str, int]) -> str | None:
-    """The last stage's pick as a model directory (convert --to-hf reads it), if it is a plain LM."""
+def export_final_model(workdir: str, stage: Stage, chosen: tuple[str, int], mesh) -> str | None:
+    """The last stage's pick as a model directory (convert --to-hf reads it), if it is a plain
+    LM; every process takes part (the params are sharded on the run's mesh)."""
     if stage.method == "quiet_star":
         return None
-    model_dir = os.path.join(workdir, MODEL_DIR)
-    if not checkpoint.is_model_dir(model_dir) and jax.process_index() == 0:
-        config, _, params, tokenizer = checkpoint.load_for_inference(*chosen)
+    model_dir = str(paths.path(workdir) / MODEL_DIR)
+    if not checkpoint.is_model_dir(model_dir):
+        config, _, params, tokenizer = checkpoint.load_for_inference(*chosen, mesh)
         checkpoint.save_model(model_dir, config, params, tokenizer)
     return model_dir
 

@@ -20,15 +20,13 @@ rows without coordination.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import os
 import random
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from qstar_jax import toy_reasoning
+from qstar_jax import paths, toy_reasoning
 from qstar_jax.errors import UserError
 from qstar_jax.tokenizer import Tokenizer
 
@@ -79,12 +77,11 @@ def default_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
 # ------------------------------------------------------------------------------ sources
 
 
-def _read_file(path: str, text_field: str) -> Iterable[str]:
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            yield f.read()
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
+def _read_file(path: paths.Path, text_field: str) -> Iterable[str]:
+    if path.name.endswith(".txt"):
+        yield path.read_text(encoding="utf-8")
+    elif path.name.endswith(".jsonl"):
+        with path.open("r", encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -98,19 +95,19 @@ def _read_file(path: str, text_field: str) -> Iterable[str]:
     else:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        with path.open("rb") as f:
+            table = pq.read_table(f)
         if text_field not in table.column_names:
             raise UserError(f"{path} has no {text_field!r} column (columns: {', '.join(table.column_names)})")
         yield from table.column(text_field).to_pylist()
 
 
 def file_documents(path: str, text_field: str = "text", max_documents: int = 0) -> list[str]:
-    if os.path.isfile(path):
-        files = [path]
-    elif os.path.isdir(path):
-        files = sorted(
-            f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(TEXT_SUFFIXES)
-        )
+    root = paths.path(path)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = [f for f in paths.files_under(root) if f.name.endswith(TEXT_SUFFIXES)]
         if not files:
             raise UserError(f"no {'/'.join(TEXT_SUFFIXES)} files in data directory {path}")
     else:

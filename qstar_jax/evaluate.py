@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qstar_jax import paths
 from qstar_jax.checkpoint import load_for_inference
 from qstar_jax.decode import continuation_logits, generate
 from qstar_jax.errors import UserError, exit_on_user_error
@@ -178,8 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                       args.cot_votes, args.cot_tokens, args.seed)
     print(json.dumps(result))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        paths.write_text(args.output, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -100,16 +100,20 @@ def load_gguf_model(path: str, param_dtype: str = "float32"):
             raise UserError(f"GGUF tensor {name} has no llama mapping")
         by_hf[hf_name] = name
 
-    def read(hf_name: str) -> np.ndarray:
+    def read(hf_name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """A slice of a dequantised tensor (quantised blocks do not slice; conversion reads
+        each tensor once, on the host mesh)."""
         tensor = tensors[by_hf[hf_name]]
         array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
         if hf_name.endswith("q_proj.weight"):
             array = unpermute_rope_rows(array, heads)
         elif hf_name.endswith("k_proj.weight"):
             array = unpermute_rope_rows(array, kv_heads)
-        return array
+        return array[index]
 
-    params: Params = params_from_hf_tensors(config, by_hf, read, path)
+    # GGUF lists dims innermost first; HF (and numpy) order is the reverse.
+    shapes = {hf_name: tuple(int(d) for d in reversed(tensors[name].shape)) for hf_name, name in by_hf.items()}
+    params: Params = params_from_hf_tensors(config, shapes, read, path)
     return config, params, reader
 
 

@@ -9,15 +9,16 @@ parameters. Everything else here is bookkeeping: which entries apply to a config
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from jax.sharding import Mesh
+from safetensors.numpy import save as save_safetensors
 
+from qstar_jax import paths, sharding
 from qstar_jax.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qstar_jax.errors import UserError
 from qstar_jax.model import Params, init_params
@@ -165,41 +166,76 @@ def _abstract_params(config: ModelConfig) -> Params:
 
 # ---------------------------------------------------------------------------- load / save
 
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
 
-def _tensor_files(path: str) -> dict[str, str]:
+
+class SafetensorsFile:
+    """Lazy tensors of one `.safetensors` file: shapes from its header, data read on slicing.
+
+    The format is an 8-byte header length, a JSON header (dtype, shape, byte range per
+    tensor) and the raw bytes. A local file is memory-mapped, so a slice reads only the pages
+    it covers; a bucket file is read one tensor at a time through the path layer. Reading it
+    ourselves also gives bfloat16 (ml_dtypes), which safetensors' numpy reader refuses.
+    """
+
+    def __init__(self, file: str):
+        self.file = file
+        with paths.path(file).open("rb") as f:
+            size = int(np.frombuffer(f.read(8), np.uint64)[0])
+            header = json.loads(f.read(size))
+        self.data_start = 8 + size
+        header.pop("__metadata__", None)
+        self.header = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        info = self.header[name]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UserError(f"tensor {name} in {self.file} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if paths.is_remote(self.file):
+            with paths.path(self.file).open("rb") as f:
+                f.seek(self.data_start + begin)
+                array = np.frombuffer(f.read(end - begin), dtype).reshape(shape)
+        else:
+            array = np.memmap(self.file, dtype, "r", offset=self.data_start + begin, shape=shape)
+        return np.array(array[index])
+
+
+def _tensor_files(path: str) -> dict[str, SafetensorsFile]:
     """Maps every tensor name to the safetensors file that holds it."""
-    if not os.path.isdir(path):
+    directory = paths.path(path)
+    if not directory.is_dir():
         raise UserError(f"not a directory: {path}")
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    single_path = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
-    if os.path.isfile(single_path):
-        with safe_open(single_path, framework="np") as f:
-            return {name: single_path for name in f.keys()}
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = {file: SafetensorsFile(str(directory / file)) for file in sorted(set(weight_map.values()))}
+        return {name: files[file] for name, file in weight_map.items()}
+    if (directory / "model.safetensors").is_file():
+        single = SafetensorsFile(str(directory / "model.safetensors"))
+        return {name: single for name in single.header}
     raise UserError(f"{path} is not a Hugging Face checkpoint: no model.safetensors or model.safetensors.index.json")
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = paths.path(path) / "config.json"
+    if not config_path.is_file():
         raise UserError(f"{path} is not a Hugging Face checkpoint: config.json is missing")
-    with open(config_path) as f:
-        return json.load(f)
+    return json.loads(config_path.read_text())
 
 
-def params_from_hf_tensors(
-    config: ModelConfig, names: Iterable[str], read: Callable[[str], np.ndarray], source: str
-) -> Params:
-    """Builds params from tensors under HF names (`read(name)` -> array), checking them all.
+# read(hf_name, index in HF layout) -> that slice of the tensor, as numpy
+SliceReader = Callable[[str, tuple[slice, ...]], np.ndarray]
 
-    Shared by the safetensors and GGUF readers: every source is first put in HF naming.
-    """
-    names = set(names)
-    shapes = _abstract_params(config)
-    entries = list(_entries(config, shapes))
+
+def _check_names(config: ModelConfig, entries: list, names: set[str], source: str) -> None:
     expected = {
         hf_name.format(i=i)
         for hf_name, _, _, per_layer in entries
@@ -217,38 +253,96 @@ def params_from_hf_tensors(
         raise UserError(
             f"checkpoint {source} has tensors this {config.model_type} config does not use: {', '.join(unexpected[:8])}"
         )
-    params: Params = {}
-    dtype = jnp.dtype(config.param_dtype)
+
+
+def _check_shapes(config: ModelConfig, entries: list, shapes: dict[str, tuple[int, ...]], abstract: Params) -> None:
     for hf_name, path_, transform, per_layer in entries:
         layer_names = [hf_name.format(i=i) for i in range(config.num_layers)] if per_layer else [hf_name]
-        arrays = [_to_flax(read(name), transform) for name in layer_names]
-        array = np.stack(arrays) if per_layer else arrays[0]
-        want = _get_path(shapes, path_).shape
-        if array.shape != want:
-            raise UserError(f"tensor {hf_name} has shape {array.shape} after mapping, expected {want}")
-        _set_path(params, path_, jnp.asarray(array, dtype=dtype))
+        mapped = tuple(reversed(shapes[layer_names[0]])) if transform == "linear" else shapes[layer_names[0]]
+        mapped = ((len(layer_names),) if per_layer else ()) + mapped
+        want = _get_path(abstract, path_).shape
+        if mapped != want or any(shapes[n] != shapes[layer_names[0]] for n in layer_names):
+            raise UserError(f"tensor {hf_name} has shape {mapped} after mapping, expected {want}")
+
+
+def params_from_hf_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], read: SliceReader,
+                           source: str, mesh: Mesh | None = None) -> Params:
+    """Params from tensors under HF names, every name and shape checked first, built straight
+    into their shardings on `mesh` (default: one host CPU device).
+
+    `shapes` maps every HF name in the checkpoint to its shape; `read(name, index)` reads one
+    slice of one tensor. Each parameter is assembled with `jax.make_array_from_callback`, so
+    every device reads and receives only its own shard. Shared by the safetensors and GGUF
+    readers: every source is first put in HF naming.
+    """
+    mesh = mesh or sharding.host_mesh()
+    abstract = _abstract_params(config)
+    entries = list(_entries(config, abstract))
+    _check_names(config, entries, set(shapes), source)
+    _check_shapes(config, entries, shapes, abstract)
+    shardings = sharding.param_shardings(abstract, mesh)
+    dtype = jnp.dtype(config.param_dtype)
+    params: Params = {}
+    for hf_name, path_, transform, per_layer in entries:
+        layer_names = [hf_name.format(i=i) for i in range(config.num_layers)] if per_layer else [hf_name]
+
+        def fetch(index: tuple[slice, ...], layer_names=layer_names, transform=transform, per_layer=per_layer):
+            inner = index[1:] if per_layer else index
+            hf_index = tuple(reversed(inner)) if transform == "linear" else tuple(inner)
+            if not per_layer:
+                return _to_flax(read(layer_names[0], hf_index), transform).astype(dtype)
+            layers = layer_names[index[0]]
+            first = _to_flax(read(layers[0], hf_index), transform)
+            out = np.empty((len(layers), *first.shape), dtype)  # filled in place: one shard's worth
+            out[0] = first
+            for i, name in enumerate(layers[1:], 1):
+                out[i] = _to_flax(read(name, hf_index), transform)
+            return out
+
+        want = _get_path(abstract, path_).shape
+        _set_path(params, path_, jax.make_array_from_callback(want, _get_path(shardings, path_), fetch))
     return params
 
 
-def load_hf_model(path: str, param_dtype: str = "float32") -> tuple[ModelConfig, Params]:
-    """Reads a HF model directory into (ModelConfig, params) with params in `param_dtype`."""
+def _open_hf(path: str, param_dtype: str) -> tuple[ModelConfig, dict[str, tuple[int, ...]], SliceReader]:
     config = config_from_hf(read_hf_config(path), param_dtype=param_dtype)
     files = _tensor_files(path)
-    handles: dict[str, Any] = {}
+    shapes = {name: file.shape(name) for name, file in files.items()}
+    return config, shapes, lambda name, index: files[name].read(name, index)
 
-    def read(name: str) -> np.ndarray:
-        file = files[name]
-        if file not in handles:
-            handles[file] = safe_open(file, framework="np")
-        return handles[file].get_tensor(name)
 
-    return config, params_from_hf_tensors(config, files, read, path)
+def load_hf_model(path: str, param_dtype: str = "float32", mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
+    """Reads a HF model directory into (ModelConfig, params in `param_dtype`), sharded on `mesh`."""
+    config, shapes, read = _open_hf(path, param_dtype)
+    return config, params_from_hf_tensors(config, shapes, read, path, mesh)
+
+
+ParamItems = Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]  # (Flax path, layer or None, array)
+
+
+def hf_model_items(path: str, param_dtype: str = "float32") -> tuple[ModelConfig, ParamItems]:
+    """(ModelConfig, the parameters as host numpy arrays one layer at a time): what `convert`
+    streams into a model directory, holding one layer's tensor and never touching a device.
+    Every name and shape is checked before this returns."""
+    config, shapes, read = _open_hf(path, param_dtype)
+    abstract = _abstract_params(config)
+    entries = list(_entries(config, abstract))
+    _check_names(config, entries, set(shapes), path)
+    _check_shapes(config, entries, shapes, abstract)
+    dtype = jnp.dtype(param_dtype)
+
+    def items() -> ParamItems:
+        for hf_name, path_, transform, per_layer in entries:
+            for layer in range(config.num_layers) if per_layer else [None]:
+                name = hf_name.format(i=layer)
+                yield path_, layer, _to_flax(read(name, ()), transform).astype(dtype)
+
+    return config, items()
 
 
 def save_hf_model(config: ModelConfig, params: Params, path: str, dtype: str | None = None) -> None:
     """Writes `config.json` + `model.safetensors` that transformers' `from_pretrained` loads."""
     dtype = dtype or config.param_dtype
-    os.makedirs(path, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     for hf_name, path_, transform, per_layer in _entries(config, params):
         array = np.asarray(jax.device_get(_get_path(params, path_))).astype(jnp.dtype(dtype))
@@ -257,6 +351,5 @@ def save_hf_model(config: ModelConfig, params: Params, path: str, dtype: str | N
                 tensors[hf_name.format(i=i)] = np.ascontiguousarray(_to_flax(array[i], transform))
         else:
             tensors[hf_name] = np.ascontiguousarray(_to_flax(array, transform))
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(config, dtype), f, indent=2)
+    paths.write_bytes(paths.path(path) / "model.safetensors", save_safetensors(tensors, metadata={"format": "pt"}))
+    paths.write_text(paths.path(path) / "config.json", json.dumps(config_to_hf(config, dtype), indent=2))

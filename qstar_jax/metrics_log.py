@@ -1,37 +1,38 @@
 """Training metrics: metrics.jsonl, TensorBoard events, a console progress line, optional wandb.
 
-Only process 0 writes. On a terminal the console shows one updating progress line (step,
+Only process 0 writes, through the path layer (a gs:// workdir gets its logs in the bucket:
+`metrics.jsonl` is re-uploaded whole at each write, as object stores cannot append;
+TensorBoard writes gs:// through google-cloud-storage). On a terminal the console shows one updating progress line (step,
 loss, reward, mixing weight, tokens/s, ETA); in a log file (CI, pods) it prints plain lines.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any
 
-import jax
+from qstar_jax import paths
 
-CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "tokens_per_s")
+CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "tokens_per_s", "mfu")
 
 
 class MetricsLog:
     def __init__(self, workdir: str, total_steps: int, start_step: int, wandb_project: str = "",
                  config: dict[str, Any] | None = None):
-        self.enabled = jax.process_index() == 0
+        self.enabled = paths.is_writer()
         self.total_steps, self.start_step = total_steps, start_step
         self.start_time = time.perf_counter()
         self.tty = sys.stdout.isatty()
         self.wandb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.jsonl_path = paths.path(workdir) / "metrics.jsonl"
+        self.jsonl_lines = self.jsonl_path.read_text().splitlines(keepends=True) if self.jsonl_path.exists() else []
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tensorboard = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
         if wandb_project:
             try:
                 import wandb
@@ -43,8 +44,8 @@ class MetricsLog:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        self.jsonl_lines.append(json.dumps({"step": step, **metrics}) + "\n")
+        paths.write_text(self.jsonl_path, "".join(self.jsonl_lines))
         for key, value in metrics.items():
             self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
@@ -69,7 +70,6 @@ class MetricsLog:
             return
         if self.tty:
             print()
-        self.jsonl.close()
         self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()

@@ -56,6 +56,13 @@ def make_mesh(data: int, fsdp: int, tensor: int) -> Mesh:
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+def host_mesh() -> Mesh:
+    """A one-device mesh on the host CPU: where conversion and single-host tools build
+    arrays, so that nothing is staged on an accelerator's first chip."""
+    device = np.array(jax.devices("cpu")[:1]).reshape(1, 1, 1)
+    return Mesh(device, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
 def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any
 
+from qstar_jax import paths
 from qstar_jax.errors import UserError
 
 TASKS = ("gsm8k", "csqa", "piqa", "siqa")
@@ -100,9 +100,9 @@ def _records(path: str, data_dir: str | None):
         for i in range(len(source)):
             yield f"{path}[{i}]", _plain(source[i])
         return
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
         raise UserError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
+    with paths.path(path).open("r", encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue

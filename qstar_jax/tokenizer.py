@@ -9,14 +9,13 @@ as `Tokenizer`: encode/decode plain text, look up special ids, and add new speci
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from typing import Sequence
 
 import sentencepiece as spm
 import tokenizers
 
+from qstar_jax import paths
 from qstar_jax.errors import UserError
 
 START_THOUGHT = "<|startofthought|>"
@@ -65,9 +64,9 @@ class SentencePieceTokenizer(Tokenizer):
     the pieces in between go through SentencePiece, and each added token maps to its id.
     """
 
-    def __init__(self, model_file: str, added_tokens: dict[str, int] | None = None):
-        self._model_file = model_file
-        self._sp = spm.SentencePieceProcessor(model_file=model_file)
+    def __init__(self, model_proto: bytes, added_tokens: dict[str, int] | None = None):
+        self._model_proto = model_proto  # the serialized model: read from any path, saved as is
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self._added: dict[str, int] = dict(added_tokens or {})
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
@@ -123,36 +122,19 @@ class SentencePieceTokenizer(Tokenizer):
         return None if piece == self._sp.unk_id() else piece
 
     def without_tokens(self, tokens: Sequence[str]) -> Tokenizer:
-        return SentencePieceTokenizer(self._model_file, {t: i for t, i in self._added.items() if t not in tokens})
+        return SentencePieceTokenizer(self._model_proto, {t: i for t, i in self._added.items() if t not in tokens})
 
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        _write_atomically(os.path.join(directory, "tokenizer.model"),
-                          lambda path: shutil.copyfile(self._model_file, path))
-        _write_atomically(os.path.join(directory, SP_ADDED_TOKENS_FILE), lambda path: _write_json(path, self._added))
-
-
-def _write_json(path: str, value) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-
-
-def _write_atomically(path: str, write) -> None:
-    """`write(tmp)` then rename onto `path`: every process of a multi-host run saves the same
-    files into a shared directory, and a reader must never see a half-written one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+        directory = paths.path(directory)
+        paths.write_bytes(directory / "tokenizer.model", self._model_proto)
+        paths.write_text(directory / SP_ADDED_TOKENS_FILE, json.dumps(self._added, indent=2))
 
 
 class HFTokenizer(Tokenizer):
     """A HF `tokenizer.json` (byte-level BPE and friends) via the `tokenizers` library."""
 
-    def __init__(self, tokenizer_file: str | tokenizers.Tokenizer, special: dict[str, str] | None = None):
-        if isinstance(tokenizer_file, tokenizers.Tokenizer):
-            self._tok = tokenizer_file
-        else:
-            self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+    def __init__(self, tok: tokenizers.Tokenizer, special: dict[str, str] | None = None):
+        self._tok = tok
         self._special = dict(special or {})
         self.bos_id = self._id_of(self._special.get("bos_token"))
         self.eos_id = self._id_of(self._special.get("eos_token"))
@@ -189,38 +171,32 @@ class HFTokenizer(Tokenizer):
         return HFTokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), self._special)
 
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        _write_atomically(os.path.join(directory, "tokenizer.json"), self._tok.save)
-        _write_atomically(os.path.join(directory, "tokenizer_config.json"),
-                          lambda path: _write_json(path, self._special))
+        directory = paths.path(directory)
+        paths.write_text(directory / "tokenizer.json", self._tok.to_str())
+        paths.write_text(directory / "tokenizer_config.json", json.dumps(self._special, indent=2))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def has_tokenizer(directory: str) -> bool:
-    return any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
+    return any((paths.path(directory) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
     """Loads `tokenizer.json` (preferred, it is what current HF models ship) or `tokenizer.model`."""
-    json_file = os.path.join(directory, "tokenizer.json")
-    sp_file = os.path.join(directory, "tokenizer.model")
-    if os.path.isfile(json_file):
-        config_file = os.path.join(directory, "tokenizer_config.json")
+    directory = paths.path(directory)
+    if (directory / "tokenizer.json").is_file():
+        config_file = directory / "tokenizer_config.json"
         special = {}
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                config = json.load(f)
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
             special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
-        return HFTokenizer(json_file, special)
-    if os.path.isfile(sp_file):
-        added_file = os.path.join(directory, SP_ADDED_TOKENS_FILE)
-        added = None
-        if os.path.isfile(added_file):
-            with open(added_file) as f:
-                added = json.load(f)
-        return SentencePieceTokenizer(sp_file, added)
+        return HFTokenizer(tokenizers.Tokenizer.from_str((directory / "tokenizer.json").read_text()), special)
+    if (directory / "tokenizer.model").is_file():
+        added_file = directory / SP_ADDED_TOKENS_FILE
+        added = json.loads(added_file.read_text()) if added_file.is_file() else None
+        return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes(), added)
     raise UserError(f"no tokenizer in {directory}: expected one of {', '.join(TOKENIZER_FILES)}")
 
 
@@ -276,8 +252,9 @@ def train_word_tokenizer(documents: Sequence[str], directory: str) -> Tokenizer:
 
 
 def _saved(tok: tokenizers.Tokenizer, directory: str) -> Tokenizer:
-    """The trained tokenizer, saved for later runs and tools; used as built, not read back
-    (another process of the same run may be saving the same files at this moment)."""
+    """The trained tokenizer, saved (by process 0) for later runs and tools; used as built,
+    not read back (every process trains the same one, deterministically)."""
     tokenizer = HFTokenizer(tok, {"eos_token": EOS_TEXT})
-    tokenizer.save(directory)
+    if paths.is_writer():
+        tokenizer.save(directory)
     return tokenizer

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qstar_jax import checkpoint, curriculum, data, hf, ntp, sharding
+from qstar_jax import checkpoint, curriculum, data, flops, hf, ntp, paths, sharding
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.evaluate import Evaluator
@@ -62,6 +61,10 @@ _PREFLIGHT = flags.DEFINE_bool("preflight", False, "compile the train step for t
                                "on abstract inputs, report per-device memory, and exit")
 
 THOUGHT_INIT_TEXT = "---"  # the official init of the start/end thought embeddings
+# Model settings a run decides even when the weights come from init_from (the rest is the
+# checkpoint's architecture), and the ones a random init takes from its tokenizer.
+RUN_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll")
+TOKENIZER_MODEL_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id")
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -100,40 +103,58 @@ def ntp_config(cfg: ml_collections.ConfigDict) -> ntp.NTPConfig:
 # --------------------------------------------------------------------------------- model
 
 
-def load_base_model(cfg: ml_collections.ConfigDict, documents: list[str], workdir: str):
+def load_base_model(cfg: ml_collections.ConfigDict, documents: list[str], workdir: str, mesh):
     """(model config, params, tokenizer) from init_from, or a random init and new tokenizer.
 
+    Params arrive sharded on `mesh` in `model.param_dtype` (float32 master weights even from
+    a bfloat16 checkpoint): every source is read shard by shard into its target sharding.
     init_from may also be a training workdir (checkpoint `init_step`, 0 = newest): then
     the params are a Quiet-STaR run's (thought embeddings and mixing head included) or a
     plain LM run's, and `prepare_method` adapts them to `cfg.method`.
     """
+    param_dtype = cfg.model.param_dtype
     if cfg.init_from:
         path = cfg.init_from
         if checkpoint.is_training_dir(path):
-            model_config, _, params, tokenizer = checkpoint.load_for_inference(path, cfg.init_step or None)
+            model_config, _, params, tokenizer = checkpoint.load_for_inference(path, cfg.init_step or None, mesh,
+                                                                               param_dtype)
             if cfg.tokenizer:
                 raise UserError("tokenizer must be empty when init_from is a training directory (its tokenizer is used)")
         elif checkpoint.is_model_dir(path):
-            model_config, params = checkpoint.load_model(path)
+            model_config, params = checkpoint.load_model(path, mesh, param_dtype)
             tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else checkpoint.load_model_tokenizer(path)
         else:
-            model_config, params = hf.load_hf_model(path)
+            model_config, params = hf.load_hf_model(path, param_dtype, mesh)
             tokenizer = load_tokenizer(cfg.tokenizer or path)
-        overrides = {k: cfg.model[k] for k in ("dtype", "remat", "scan_unroll")}
-        return model_config.replace(**overrides), params, tokenizer
+        return model_config.replace(**{k: cfg.model[k] for k in RUN_MODEL_FIELDS}), params, tokenizer
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     elif cfg.tokenizer_type == "bpe":
-        tokenizer = train_bpe_tokenizer(documents, cfg.tokenizer_vocab_size, os.path.join(workdir, "bpe"))
+        tokenizer = train_bpe_tokenizer(documents, cfg.tokenizer_vocab_size, str(paths.path(workdir) / "bpe"))
     elif cfg.tokenizer_type == "word":
-        tokenizer = train_word_tokenizer(documents, os.path.join(workdir, "words"))
+        tokenizer = train_word_tokenizer(documents, str(paths.path(workdir) / "words"))
     else:
         raise UserError(f"tokenizer_type must be 'bpe' or 'word', got {cfg.tokenizer_type!r}")
     model_config = dataclass_from(
         ModelConfig, cfg.model, vocab_size=tokenizer.vocab_size,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
     )
-    return model_config, init_params(model_config, jax.random.key(cfg.seed)), tokenizer
+    init = functools.partial(init_params, model_config)
+    shardings = sharding.param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+    return model_config, jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed)), tokenizer
+
+
+def resumed_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConfig, Tokenizer]:
+    """The model config and tokenizer a run recorded in its workdir at its first start.
+
+    A resumed run reads these instead of `init_from` (which may be gone, and would cost a
+    full weight load); what this config decides is laid over them, so the checkpoint check
+    still catches a changed architecture.
+    """
+    saved = ModelConfig.load(str(paths.path(workdir) / checkpoint.MODEL_CONFIG_FILE))
+    decided = RUN_MODEL_FIELDS if cfg.init_from else tuple(
+        f.name for f in dataclasses.fields(ModelConfig) if f.name in cfg.model and f.name not in TOKENIZER_MODEL_FIELDS)
+    return saved.replace(**{k: cfg.model[k] for k in decided}), checkpoint.load_model_tokenizer(workdir)
 
 
 def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer, cfg) -> tuple:
@@ -168,18 +189,38 @@ def prepare_method(cfg, model_config: ModelConfig, params: Params, tokenizer: To
     them (a curriculum stage continues its predecessor's thoughts and mixing head, whose
     shapes do not depend on n_ahead). lm / ntp: a plain LM, thought parts removed.
     """
+    check_method(cfg.method)
     has_thoughts = "thought" in params
     if cfg.method == "quiet_star":
         if not has_thoughts:
             return (*add_thoughts(model_config, params, tokenizer, cfg), tokenizer)
-        qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=tokenizer.token_id(START_THOUGHT),
-                            end_token_id=tokenizer.token_id(END_THOUGHT))
-        return model_config, qs, params, tokenizer
-    if cfg.method in ("lm", "ntp"):
-        if has_thoughts:
-            model_config, params, tokenizer = strip_thoughts(model_config, params, tokenizer)
-        return model_config, None, params, tokenizer
-    raise UserError(f"method must be 'quiet_star', 'lm' or 'ntp', got {cfg.method!r}")
+        return model_config, quiet_star_config(cfg, tokenizer), params, tokenizer
+    if has_thoughts:
+        model_config, params, tokenizer = strip_thoughts(model_config, params, tokenizer)
+    return model_config, None, params, tokenizer
+
+
+def check_method(method: str) -> None:
+    if method not in ("quiet_star", "lm", "ntp"):
+        raise UserError(f"method must be 'quiet_star', 'lm' or 'ntp', got {method!r}")
+
+
+def quiet_star_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> QuietStarConfig | None:
+    """The run's QuietStarConfig (thought ids from its tokenizer), None for a plain LM."""
+    if cfg.method != "quiet_star":
+        return None
+    return dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=tokenizer.token_id(START_THOUGHT),
+                          end_token_id=tokenizer.token_id(END_THOUGHT))
+
+
+def params_shape_fn(model_config: ModelConfig, qs: QuietStarConfig | None):
+    """A function whose `jax.eval_shape` is the run's params: the LM, plus thought parts."""
+    def params():
+        lm = init_params(model_config, jax.random.key(0))
+        if qs is None:
+            return lm
+        return init_quiet_star_params(model_config, qs, lm, jnp.zeros((model_config.hidden_size,)), jax.random.key(1))
+    return params
 
 
 def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
@@ -187,11 +228,10 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
     path = cfg.ntp.teacher
     if not path or not checkpoint.is_training_dir(path):
         raise UserError(f"method=ntp needs ntp.teacher = a Quiet-STaR training directory, got {path!r}")
-    config, qs, params, _ = checkpoint.load_for_inference(path, cfg.ntp.teacher_step or None)
+    config, qs, params, _ = checkpoint.load_for_inference(path, cfg.ntp.teacher_step or None, mesh)
     if qs is None:
         raise UserError(f"ntp.teacher {path} is a plain LM run; the teacher must think (method=quiet_star)")
-    shardings = sharding.param_shardings(params, mesh)
-    params = jax.device_put(params, shardings)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
     nll = jax.jit(functools.partial(ntp.teacher_nll_batches, config, ntp.teacher_config(qs, ntp_config(cfg))),
                   in_shardings=(shardings, batch_sharding, batch_sharding, None), out_shardings=batch_sharding)
     return lambda tokens, valid, rng: nll(params, tokens, valid, rng)
@@ -250,11 +290,7 @@ def compile_step(loss_fn, optimizer, state_shardings, batch_sharding, n_inputs: 
 
 def preflight(model_config, qs, optimizer, mesh, cfg) -> dict[str, float]:
     """AOT-compiles the train step on abstract inputs and returns its per-device memory (GB)."""
-    abstract_state, shardings = abstract_and_shardings(
-        lambda: init_quiet_star_params(model_config, qs, init_params(model_config, jax.random.key(0)),
-                                       jnp.zeros((model_config.hidden_size,)), jax.random.key(1)),
-        optimizer, mesh,
-    )
+    abstract_state, shardings = abstract_and_shardings(params_shape_fn(model_config, qs), optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, cfg.data.seq_len)
     abstract_in = lambda dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
@@ -350,7 +386,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = F
                             end_token_id=model_config.vocab_size - 1)
         print(json.dumps(preflight(model_config, qs, optimizer, mesh, cfg)))
         return
-    if cfg.init_from and not os.path.isdir(cfg.init_from):
+    if cfg.init_from and not has_started(workdir) and not paths.path(cfg.init_from).is_dir():
         raise UserError(f"init_from directory does not exist: {cfg.init_from} (convert a HF checkpoint with "
                         f"python -m qstar_jax.convert --hf-checkpoint HF_DIR --output {cfg.init_from})")
     if cfg.curriculum.stages:
@@ -358,6 +394,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = F
         curriculum.run_chain(cfg, workdir, functools.partial(train_run, preempted=preempted))
     else:
         train_run(cfg, workdir)
+
+
+def has_started(workdir: str) -> bool:
+    """Whether a run (or a curriculum chain) already checkpointed here: it resumes from its
+    own checkpoints and never reads init_from again."""
+    root = paths.path(workdir)
+    return any((root / sub).is_dir() for sub in (checkpoint.CHECKPOINTS_DIR, "stages"))
 
 
 def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculum.Selection | None = None,
@@ -371,13 +414,36 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     optimizer_config = dataclass_from(OptimizerConfig, cfg.optimizer)
     optimizer = make_optimizer(optimizer_config)
     learning_rate = learning_rate_schedule(optimizer_config)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
+    ckpt = RunCheckpoints(str(paths.path(workdir) / checkpoint.CHECKPOINTS_DIR), cfg.keep_checkpoints,
+                          best_mode=None if selection is None else selection.mode)
+    start_step = ckpt.latest_step()
+    clock = time.perf_counter()
     documents = data.load_documents(cfg.data)
     train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_documents)
-    os.makedirs(workdir, exist_ok=True)
-    model_config, params, tokenizer = load_base_model(cfg, train_docs, workdir)
-    model_config, qs, params, tokenizer = prepare_method(cfg, model_config, params, tokenizer)
+    if start_step is None:
+        model_config, params, tokenizer = load_base_model(cfg, train_docs, workdir, mesh)
+        model_config, qs, params, tokenizer = prepare_method(cfg, model_config, params, tokenizer)
+        meta = run_meta(model_config, qs)
+        abstract_state, state_shardings = abstract_and_shardings(lambda p=params: p, optimizer, mesh)
+        state = jax.jit(lambda p: init_train_state(p, optimizer, jax.random.key(cfg.seed)),
+                        out_shardings=state_shardings)(params)
+        del params
+        checkpoint.save_model_files(workdir, model_config, tokenizer)  # for resume, evaluate, generate
+        start_step = 0
+        status(f"loaded model from {cfg.init_from or 'a random init'} in {time.perf_counter() - clock:.1f} s")
+    else:
+        check_method(cfg.method)
+        model_config, tokenizer = resumed_model(cfg, workdir)
+        qs = quiet_star_config(cfg, tokenizer)
+        meta = run_meta(model_config, qs)
+        abstract_state, state_shardings = abstract_and_shardings(params_shape_fn(model_config, qs), optimizer, mesh)
+        state = ckpt.restore(start_step, abstract_state, state_shardings, meta)
+        status(f"resumed from step {start_step} in {workdir} ({time.perf_counter() - clock:.1f} s)")
+    clock = time.perf_counter()
     sampler = data.WindowSampler(data.token_stream(train_docs, tokenizer), cfg.data.seq_len, cfg.seed)
     batches = Batches(sampler, cfg.grad_accum, cfg.batch_size, mesh)
+    status(f"data: {len(train_docs)} documents, {len(sampler.tokens)} tokens in {time.perf_counter() - clock:.1f} s")
     teacher = load_teacher(cfg, mesh, batches.sharding) if cfg.method == "ntp" else None
 
     def inputs_at(source: Batches, step: int, rng_seed: int) -> tuple:
@@ -394,27 +460,20 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
         eval_batches = [inputs_at(eval_source, i, cfg.seed + 4) for i in range(cfg.eval_batches)]
 
     task_sets = parse_eval_tasks(cfg.eval_tasks)
-    meta = run_meta(model_config, qs)
-    ckpt = TrainCheckpointsWithMeta(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, meta,
-                                    None if selection is None else selection.mode)
-    abstract_state, state_shardings = abstract_and_shardings(lambda p=params: p, optimizer, mesh)
-    start_step = ckpt.latest_step()
-    if start_step is None:
-        state = jax.jit(lambda p: init_train_state(p, optimizer, jax.random.key(cfg.seed)),
-                        out_shardings=state_shardings)(params)
-        start_step = 0
-    else:
-        state = ckpt.restore(start_step, abstract_state, state_shardings)
-        print(f"resumed from step {start_step} in {workdir}", flush=True)
-    del params
-    checkpoint.save_model_files(workdir, model_config, tokenizer)  # for evaluate / generate
-
     loss_fn = loss_fn_for(model_config, qs, ntp_config(cfg) if cfg.method == "ntp" else None)
-    step_fn = compile_step(loss_fn, optimizer, state_shardings, batches.sharding, 2 if teacher is None else 3)
+    clock = time.perf_counter()
+    input_dtypes = (jnp.int32, jnp.bool_) if teacher is None else (jnp.int32, jnp.bool_, jnp.float32)
+    step_fn = compile_step(loss_fn, optimizer, state_shardings, batches.sharding, len(input_dtypes)).lower(
+        state, *(jax.ShapeDtypeStruct(batches.shape, d, sharding=batches.sharding) for d in input_dtypes)).compile()
+    status(f"compiled the train step in {time.perf_counter() - clock:.1f} s")
     eval_fn = jax.jit(lambda p, t, v, *x: loss_fn(p, t, v, jax.random.key(cfg.seed + 2), *x)[1])
     log = MetricsLog(workdir, cfg.steps, start_step, cfg.wandb_project, cfg.to_dict())
     preempted = preempted or Preemption()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    # The NTP student's cost only (its teacher's forward pass is not counted).
+    step_flops, token_passes_per_step = flops.train_step_cost(model_config, qs, cfg.batch_size, cfg.data.seq_len)
+    peak, peak_source = flops.peak_flops()
+    status(f"{step_flops:.3g} model FLOPs per step; peak {peak:.3g} FLOP/s ({peak_source})")
     step = start_step
     last_log = (step, time.perf_counter())
     while step < cfg.steps:
@@ -430,7 +489,11 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
                                 f"last good checkpoint: step {ckpt.latest_step()}")
             # Steps are dispatched asynchronously; the fetch above waited for all of them.
             now = time.perf_counter()
-            metrics["tokens_per_s"] = tokens_per_step * (step - last_log[0]) / (now - last_log[1])
+            steps_per_s = (step - last_log[0]) / (now - last_log[1])
+            metrics["tokens_per_s"] = tokens_per_step * steps_per_s
+            metrics["token_passes_per_s"] = token_passes_per_step * steps_per_s  # thought tokens too
+            if peak > 0:
+                metrics["mfu"] = step_flops * steps_per_s / peak
             last_log = (step, now)
             metrics["learning_rate"] = float(learning_rate(step))
             log.write(step, metrics)
@@ -448,7 +511,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
             if eval_metrics:
                 log.write(step, eval_metrics)
         if want_save:
-            ckpt.save(step, state, metric)
+            ckpt.save(step, state, meta, metric)
             if preempted.requested:
                 ckpt.wait()
                 log.close()
@@ -459,21 +522,19 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     return True
 
 
-class TrainCheckpointsWithMeta(checkpoint.TrainCheckpoints):
+class RunCheckpoints(checkpoint.TrainCheckpoints):
     """Training checkpoints that carry and check the run's model / method configs."""
 
-    def __init__(self, directory: str, keep: int, meta: dict[str, Any], best_mode: str | None = None):
-        super().__init__(directory, keep, best_mode=best_mode)
-        self.meta = meta
+    def save(self, step: int, state: TrainState, meta: dict[str, Any],  # type: ignore[override]
+             metric: float | None = None) -> None:
+        super().save(step, state.to_dict(), {"next_step": step}, meta, metric)
 
-    def save(self, step: int, state: TrainState, metric: float | None = None) -> None:  # type: ignore[override]
-        super().save(step, state.to_dict(), {"next_step": step}, self.meta, metric)
-
-    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState) -> TrainState:  # type: ignore[override]
+    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,  # type: ignore[override]
+                meta: dict[str, Any]) -> TrainState:
         saved = self.restore_meta(step)
-        if saved["model_config"] != self.meta["model_config"]:
-            differing = sorted(k for k in self.meta["model_config"]
-                               if saved["model_config"].get(k) != self.meta["model_config"][k])
+        if saved["model_config"] != meta["model_config"]:
+            differing = sorted(k for k in meta["model_config"]
+                               if saved["model_config"].get(k) != meta["model_config"][k])
             raise UserError(f"checkpoint at step {step} in {self.directory} is for another model "
                             f"(differs in: {', '.join(differing)}); use a new --workdir")
         target = jax.tree.map(
@@ -483,6 +544,12 @@ class TrainCheckpointsWithMeta(checkpoint.TrainCheckpoints):
         if data_state["next_step"] != step:
             raise UserError(f"checkpoint at step {step} has inconsistent data state {data_state}")
         return TrainState.from_dict(state)
+
+
+def status(message: str) -> None:
+    """What the run is doing before its first step (loading, tokenising, compiling)."""
+    if paths.is_writer():
+        print(message, flush=True)
 
 
 @exit_on_user_error

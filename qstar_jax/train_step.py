@@ -64,9 +64,9 @@ def decay_mask(params: Params) -> Any:
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip_norm),
-        optax.adamw(
+        optax.adamw(  # moments in float32 whatever the params' dtype: bf16 moments lose small updates
             learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-            mask=decay_mask,
+            mask=decay_mask, mu_dtype=jnp.float32,
         ),
     )
 

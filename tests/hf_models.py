@@ -27,8 +27,13 @@ TINY_MODELS = {
 }
 
 
-def make_tiny_hf_model(name: str, directory: str, seed: int = 0):
-    """Creates, saves and returns a random tiny transformers model (float32, eager attention)."""
+def make_tiny_hf_model(name: str, directory: str, seed: int = 0, saved_dtype: str = "float32",
+                       max_shard_size: str | None = None, **config_overrides):
+    """Creates, saves and returns a random tiny transformers model (float32, eager attention).
+
+    `saved_dtype` is the dtype written to disk (bfloat16, as 7B checkpoints ship);
+    `max_shard_size` splits the safetensors into shards with an index file.
+    """
     import torch
     import transformers
 
@@ -38,7 +43,7 @@ def make_tiny_hf_model(name: str, directory: str, seed: int = 0):
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
     }[model_type]
-    config = config_cls(**TINY_COMMON, **extra)
+    config = config_cls(**{**TINY_COMMON, **extra, **config_overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -49,8 +54,9 @@ def make_tiny_hf_model(name: str, directory: str, seed: int = 0):
                 param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in param_name else 0.0))
     model.eval()
     os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    return model
+    saved = model if saved_dtype == "float32" else model.to(getattr(torch, saved_dtype))
+    saved.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return saved
 
 
 def torch_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None,

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from qstar_jax import checkpoint
+from qstar_jax import checkpoint, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small, fast variant of experiments/tiny_cpu.py.
@@ -47,9 +47,9 @@ def train_losses(workdir) -> dict[int, float]:
 def final_params(workdir):
     ckpt = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=10)
     step = ckpt.latest_step()
-    state, _ = ckpt.restore_on_one_device(step)
+    params, _ = ckpt.restore_params(step, sharding.host_mesh())
     ckpt.close()
-    return step, state["params"]
+    return step, params
 
 
 def assert_ok(result):
@@ -65,6 +65,14 @@ def test_tiny_run_leaves_checkpoints_logs_and_model_files(tmp_path):
     assert any("eval/loss" in m for m in metrics(tmp_path))
     assert os.path.isfile(tmp_path / "model_config.json") and os.path.isdir(tmp_path / "tokenizer")
     assert "step 6/6" in result.stdout
+    for line in ("loaded model from a random init", "data: 280 documents", "compiled the train step",
+                 "model FLOPs per step"):
+        assert line in result.stdout, line
+    logged = [m for m in metrics(tmp_path) if "loss" in m]
+    passes = 1 + 2 * (4 - 1 + 2 - 1)  # base pass + n_passes x (thought and talk steps), SMALL's n_ahead 4-2
+    for m in logged:
+        assert m["token_passes_per_s"] == pytest.approx(m["tokens_per_s"] * passes)
+        assert 0 < m["mfu"] < 1
 
 
 def test_sharded_run_matches_single_device(tmp_path):

@@ -1,0 +1,132 @@
+"""Host memory of weight loading and tokenisation speed, as JSON lines.
+
+    python benchmarks/load_memory.py [--hidden 1536 --layers 12 --vocab 32000] [--workdir DIR]
+
+Writes a random Llama-shaped HF checkpoint (bfloat16 safetensors shards, about 1 GB at the
+defaults, written tensor by tensor), then measures in fresh processes:
+  * `convert`: peak RSS of `python -m qstar_jax.convert` to a float32 model directory;
+  * `load_8_devices`: peak RSS of one process restoring that model directory sharded over
+    8 forced CPU devices in float32 (`checkpoint.load_model`, what `init_from` does), and
+    of loading the HF directory itself the same way (`hf.load_hf_model`);
+  * `tokenise`: tokens/s of one process tokenising the default corpus with a BPE tokenizer.
+RSS is the kernel's high-water mark of the process (VmHWM), baseline included; the baseline
+(Python with the training program imported) is measured alone for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def write_hf_checkpoint(directory: str, hidden: int, layers: int, vocab: int, shard_bytes: int = 200 << 20) -> int:
+    """A random Llama checkpoint, one tensor in memory at a time; returns its parameter count."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from qstar_jax.hf import config_to_hf
+    from qstar_jax.config import ModelConfig
+
+    heads = hidden // 128
+    config = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=128)
+    f = config.intermediate_size
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                   p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
+                   p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (f, hidden), p + "mlp.up_proj.weight": (f, hidden),
+                   p + "mlp.down_proj.weight": (hidden, f)}
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        current[name] = (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        size += current[name].nbytes
+        if size >= shard_bytes:
+            shards.append(current)
+            save_file(current, os.path.join(directory, f"shard-{len(shards):05d}.safetensors"))
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+        save_file(current, os.path.join(directory, f"shard-{len(shards):05d}.safetensors"))
+    weight_map = {}
+    for index in range(1, len(shards) + 1):
+        from qstar_jax.hf import SafetensorsFile
+
+        file = f"shard-{index:05d}.safetensors"
+        weight_map |= {name: file for name in SafetensorsFile(os.path.join(directory, file)).header}
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"weight_map": weight_map}, fh)
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump(config_to_hf(config, "bfloat16"), fh)
+    return int(sum(np.prod(s) for s in shapes.values()))
+
+
+def peak_rss_gb(code: str, devices: int = 1) -> tuple[float, float]:
+    """(peak RSS in GB, wall seconds) of `python -c code` in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child would report
+    # its parent's high-water mark; VmHWM belongs to the new address space.
+    wrapper = code + "\nprint('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", wrapper], env=env, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    kb = int([line for line in out.stdout.splitlines() if line.startswith("RSS")][-1].split()[1])
+    return round(kb / 2**20, 3), round(wall, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--workdir", default="")
+    args = parser.parse_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="load_memory_")
+    hf_dir, model_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "model")
+    count = write_hf_checkpoint(hf_dir, args.hidden, args.layers, args.vocab)
+    stored_gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 2**30
+    base = peak_rss_gb("import jax, qstar_jax.train")[0]
+    convert = peak_rss_gb(f"from qstar_jax import convert; convert.main(['--hf-checkpoint', {hf_dir!r}, "
+                          f"'--output', {model_dir!r}])")
+    load = ("from qstar_jax import checkpoint, hf, sharding; mesh = sharding.make_mesh(1, 8, 1); "
+            "import jax; assert jax.device_count() == 8; ")
+    from_model = peak_rss_gb(load + f"checkpoint.load_model({model_dir!r}, mesh, 'float32')", devices=8)
+    from_hf = peak_rss_gb(load + f"hf.load_hf_model({hf_dir!r}, 'float32', mesh)", devices=8)
+    float32_gb = count * 4 / 2**30
+    print(json.dumps({"params": count, "hf_bf16_gb": round(stored_gb, 3), "model_dir_float32_gb": round(float32_gb, 3),
+                      "baseline_rss_gb": base,
+                      "convert": {"peak_rss_gb": convert[0], "wall_s": convert[1],
+                                  "bytes_per_param_over_baseline": round((convert[0] - base) * 2**30 / count, 2)},
+                      "load_model_dir_8_devices": {"peak_rss_gb": from_model[0], "wall_s": from_model[1]},
+                      "load_hf_dir_8_devices": {"peak_rss_gb": from_hf[0], "wall_s": from_hf[1]}}))
+
+    from qstar_jax.data import default_corpus
+    from qstar_jax.tokenizer import train_bpe_tokenizer
+
+    documents = default_corpus(4000, seed=1)
+    tokenizer = train_bpe_tokenizer(documents[:500], 1000, os.path.join(workdir, "bpe"))
+    start = time.perf_counter()
+    tokens = sum(len(tokenizer.encode(text)) for text in documents)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"tokenise": {"documents": len(documents), "tokens": tokens,
+                                   "tokens_per_s_per_process": round(tokens / seconds)}}))
+
+
+if __name__ == "__main__":
+    main()
