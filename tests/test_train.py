@@ -234,3 +234,5 @@ def test_preflight_reports_per_device_memory(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert 0 < report["argument_gb_per_device"] <= report["peak_gb_per_device"]
+    # loading: each device holds its shard of the params, then of params + two Adam moments
+    assert 0 < report["loaded_params_gb_per_device"] < report["init_state_peak_gb_per_device"]
