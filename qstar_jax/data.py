@@ -220,9 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1, help="the training corpus uses data.default_seed (0)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    with open(args.write_problems, "w") as f:
-        for problem in arithmetic_problems(args.count, args.seed):
-            f.write(json.dumps(problem) + "\n")
+    paths.write_text(args.write_problems,
+                     "".join(json.dumps(problem) + "\n" for problem in arithmetic_problems(args.count, args.seed)))
 
 
 if __name__ == "__main__":

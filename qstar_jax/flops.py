@@ -107,7 +107,7 @@ def train_step_cost(m: ModelConfig, qs: QuietStarConfig | None, batch: int, seq:
     return counted["model_flops_per_step"], counted["token_passes_per_step"]
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+def measured_matmul_peak(size: int = 1024, repeats: int = 3) -> float:
     """FLOP/s of the best of `repeats` f32 `size`-square matmuls on the first local device."""
     x = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices()[0])
     matmul = jax.jit(lambda a: a @ a)

@@ -33,6 +33,7 @@ import random
 import sys
 from typing import NamedTuple
 
+from qstar_jax import paths
 from qstar_jax.errors import UserError, exit_on_user_error
 
 DELIMITER = "---"
@@ -84,18 +85,12 @@ def documents(count: int, seed: int, explicit_fraction: float, num_ops: int = 5)
 
 
 def write_problems(path: str, items: list[Problem]) -> None:
-    with open(path, "w") as f:
-        for p in items:
-            f.write(json.dumps(p._asdict()) + "\n")
+    paths.write_text(path, "".join(json.dumps(p._asdict()) + "\n" for p in items))
 
 
 def read_problems(path: str) -> list[Problem]:
     """Problems from JSONL with question / working / answer fields (what `write_problems` writes)."""
-    try:
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
-    except FileNotFoundError:
-        raise UserError(f"problems file not found: {path}") from None
+    lines = [line for line in paths.read_text(path, "problems file").splitlines() if line.strip()]
     items = []
     for number, line in enumerate(lines, 1):
         try:

@@ -31,43 +31,66 @@ BUCKET = "qstar-test"
 RUN = "runs/owm"
 MODEL = "models/mistral-7b-v0.1"
 TINY = ["--config.data.seq_len=24", "--config.quiet_star.n_ahead=4", "--config.quiet_star.n_ahead_talk=2",
-        "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0"]
+        "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0", "--config.eval_tasks="]
 
 
-def _cli(module: str, args: list[str], env: dict, cwd, devices: int = 4, wait: bool = True):
-    env = {**os.environ, **env, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    argv = [sys.executable, "-m", module, *args]
-    if not wait:
-        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def _env(env: dict, devices: int) -> dict:
+    return {**os.environ, **env, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _cli(module: str, args: list[str], env: dict, cwd, devices: int = 4):
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(env, devices),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def _train_pod(env: dict, cwd, data_dir: str, steps: int) -> list[subprocess.Popen]:
-    """The mistral_owm config on 2 processes x 4 devices (fsdp over all 8), workdir in the bucket."""
-    port = _free_port()
-    args = ["--config", os.path.join(REPO, "experiments", "mistral_owm.py"), "--workdir", f"gs://{BUCKET}/{RUN}",
-            f"--config.init_from=gs://{BUCKET}/{MODEL}", f"--config.data.path={data_dir}", *TINY,
-            f"--config.steps={steps}", f"--config.optimizer.total_steps={steps}", "--config.distributed.mode=on",
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
-    return [_cli("qstar_jax.train", [*args, f"--config.distributed.process_id={i}"], env, cwd, wait=False)
-            for i in range(2)]
+class Pod:
+    """The mistral_owm config on 2 processes x 4 devices (fsdp over all 8), workdir in the bucket.
 
+    Output goes to files, not pipes: gcsfs logs a line per call without credentials, and a
+    pipe nobody reads until the end fills up and blocks the process mid-write.
+    """
 
-def _finish(procs: list[subprocess.Popen]) -> list[str]:
-    outputs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        outputs.append(out)
-    return outputs
+    def __init__(self, env: dict, cwd, logs, data_dir: str, steps: int):
+        port = _free_port()
+        args = ["--config", os.path.join(REPO, "experiments", "mistral_owm.py"), "--workdir", f"gs://{BUCKET}/{RUN}",
+                f"--config.init_from=gs://{BUCKET}/{MODEL}", f"--config.data.path={data_dir}", *TINY,
+                f"--config.steps={steps}", f"--config.optimizer.total_steps={steps}", "--config.distributed.mode=on",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
+        self.logs = [(logs / f"out{i}.log", logs / f"err{i}.log") for i in range(2)]
+        self.procs = []
+        for i, (out, err) in enumerate(self.logs):
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "qstar_jax.train", *args, f"--config.distributed.process_id={i}"],
+                    cwd=cwd, env=_env(env, 4), stdout=stdout, stderr=stderr))
+
+    def __enter__(self) -> "Pod":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:  # never leave a process behind to load the rest of the suite
+            proc.kill()
+            proc.wait()
+
+    def alive(self) -> bool:
+        return all(proc.poll() is None for proc in self.procs)
+
+    def stderr(self, i: int) -> str:
+        return self.logs[i][1].read_text()[-3000:]
+
+    def finish(self) -> list[str]:
+        for i, proc in enumerate(self.procs):
+            assert proc.wait(timeout=600) == 0, self.stderr(i)
+        return [out.read_text() for out, _ in self.logs]
 
 
 def test_pod_rehearsal_on_a_bucket(tmp_path):
-    hf_dir, data_dir, cwd = tmp_path / "hf", tmp_path / "open-web-math", tmp_path / "cwd"
+    hf_dir, data_dir, cwd, logs = tmp_path / "hf", tmp_path / "open-web-math", tmp_path / "cwd", tmp_path / "logs"
     cwd.mkdir()
+    logs.mkdir()
     train_bpe_json(str(hf_dir))
     make_tiny_hf_model("mistral_window", str(hf_dir), saved_dtype="bfloat16", max_shard_size="60KB",
                        vocab_size=load_tokenizer(str(hf_dir)).vocab_size, sliding_window=16)
@@ -80,21 +103,22 @@ def test_pod_rehearsal_on_a_bucket(tmp_path):
     with running_emulator(BUCKET, str(tmp_path)) as env:
         _cli("qstar_jax.convert", ["--hf-checkpoint", str(hf_dir), "--output", f"gs://{BUCKET}/{MODEL}"], env, cwd,
              devices=1)
-        procs = _train_pod(env, cwd, str(data_dir), steps=400)
-        deadline = time.time() + 300
-        while not any(n.startswith(f"{RUN}/checkpoints/2/") for n in object_names(env, BUCKET, f"{RUN}/checkpoints")):
-            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
-            assert time.time() < deadline, "no checkpoint reached the bucket"
-            time.sleep(0.5)
-        procs[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one host
-        stopped = {int(line.split()[-2].rstrip(","))
-                   for out in _finish(procs) for line in out.splitlines() if line.startswith("preempted: saved")}
+        with Pod(env, cwd, logs, str(data_dir), steps=400) as pod:
+            deadline = time.time() + 300
+            while not any(n.startswith(f"{RUN}/checkpoints/2/") for n in object_names(env, BUCKET, RUN + "/checkpoints")):
+                assert pod.alive(), pod.stderr(0) + pod.stderr(1)
+                assert time.time() < deadline, "no checkpoint reached the bucket\n" + pod.stderr(0)
+                time.sleep(0.5)
+            pod.procs[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one host
+            stopped = {int(line.split()[-2].rstrip(","))
+                       for out in pod.finish() for line in out.splitlines() if line.startswith("preempted: saved")}
         assert len(stopped) == 1, stopped  # both processes saved the same step
         step = stopped.pop()
         assert 2 <= step < 400
 
         delete_prefix(env, BUCKET, MODEL)  # a resumed run must not need init_from
-        resumed = _finish(_train_pod(env, cwd, str(data_dir), steps=step + 2))
+        with Pod(env, cwd, logs, str(data_dir), steps=step + 2) as pod:
+            resumed = pod.finish()
         assert f"resumed from step {step}" in resumed[0]
         assert f"step {step + 2}/{step + 2}" in resumed[0]
 
