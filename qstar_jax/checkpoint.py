@@ -114,7 +114,8 @@ def load_model(directory: str, mesh: Mesh | None = None, param_dtype: str | None
     """Restores (config, params) straight into `mesh`'s shardings (default: the host CPU).
 
     Each device reads only its shard; nothing depends on the devices that saved the files.
-    `param_dtype` (e.g. float32 master weights) overrides the stored dtype.
+    A layer stack is restored layer by layer and stacked on the devices, which briefly hold
+    its shard twice. `param_dtype` (e.g. float32 master weights) overrides the stored dtype.
     """
     config = load_model_config(directory)
     if param_dtype is not None:
