@@ -1,7 +1,7 @@
 """Training metrics: metrics.jsonl, TensorBoard events, a console progress line, optional wandb.
 
 Only process 0 writes, through the path layer (a gs:// workdir gets its logs in the bucket:
-`metrics.jsonl` is re-uploaded whole at each write, as object stores cannot append;
+`metrics.jsonl` is appended to locally and re-uploaded whole on a bucket, which cannot append;
 TensorBoard writes gs:// through google-cloud-storage). On a terminal the console shows one updating progress line (step,
 loss, reward, mixing weight, tokens/s, ETA); in a log file (CI, pods) it prints plain lines.
 """
@@ -29,7 +29,14 @@ class MetricsLog:
         if not self.enabled:
             return
         self.jsonl_path = paths.path(workdir) / "metrics.jsonl"
-        self.jsonl_lines = self.jsonl_path.read_text().splitlines(keepends=True) if self.jsonl_path.exists() else []
+        # Locally lines are appended; a bucket object cannot be appended to, so there the
+        # lines are kept and the object re-uploaded whole at each write.
+        self.remote = paths.is_remote(workdir)
+        if self.remote:
+            self.jsonl_lines = self.jsonl_path.read_text().splitlines(keepends=True) if self.jsonl_path.exists() else []
+        else:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(self.jsonl_path, "a")
         from tensorboardX import SummaryWriter
 
         self.tensorboard = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
@@ -44,8 +51,13 @@ class MetricsLog:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl_lines.append(json.dumps({"step": step, **metrics}) + "\n")
-        paths.write_text(self.jsonl_path, "".join(self.jsonl_lines))
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self.jsonl_lines.append(line)
+            paths.write_text(self.jsonl_path, "".join(self.jsonl_lines))
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         for key, value in metrics.items():
             self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
@@ -70,6 +82,8 @@ class MetricsLog:
             return
         if self.tty:
             print()
+        if not self.remote:
+            self.jsonl.close()
         self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
