@@ -1,6 +1,6 @@
 """Host memory of weight loading and tokenisation speed, as JSON lines.
 
-    python benchmarks/load_memory.py [--hidden 1536 --layers 12 --vocab 32000] [--workdir DIR]
+    python benchmarks/load_memory.py [--hidden 1536 --layers 12 --vocab 32000] [--workdir DIR] [--data-only]
 
 Writes a random Llama-shaped HF checkpoint (bfloat16 safetensors shards, about 1 GB at the
 defaults, written tensor by tensor), then measures in fresh processes:
@@ -8,7 +8,9 @@ defaults, written tensor by tensor), then measures in fresh processes:
   * `load_8_devices`: peak RSS of one process restoring that model directory sharded over
     8 forced CPU devices in float32 (`checkpoint.load_model`, what `init_from` does), and
     of loading the HF directory itself the same way (`hf.load_hf_model`);
-  * `tokenise`: tokens/s of one process tokenising the default corpus with a BPE tokenizer.
+  * `data_rows`: training rows per second one process builds from OpenWebMath-shaped parquet
+    shards (documents of ~2,300 tokens, row groups of 1,000, as the HF hub ships them):
+    random document reads, tokenising (a byte-level BPE) and cropping, at seq_len 256.
 RSS is the kernel's high-water mark of the process (VmHWM), baseline included; the baseline
 (Python with the training program imported) is measured alone for comparison.
 """
@@ -90,14 +92,53 @@ def peak_rss_gb(code: str, devices: int = 1) -> tuple[float, float]:
     return round(kb / 2**20, 3), round(wall, 1)
 
 
+def data_rows(workdir: str, documents: int = 6000, seq_len: int = 256, rows: int = 200) -> dict:
+    """Rows/s of `data.Rows` over parquet shards shaped like OpenWebMath's (what each
+    process does per step for its own rows), and the tokens it tokenised per second."""
+    import grain
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qstar_jax import data
+    from qstar_jax.tokenizer import train_bpe_tokenizer
+
+    problems = data.default_corpus(documents * 4, seed=1)
+    texts = [" ".join(problems[i * 4 : i * 4 + 4]) * 12 for i in range(documents)]  # ~9 KB each, like OWM
+    directory = os.path.join(workdir, "owm", "data")
+    os.makedirs(directory, exist_ok=True)
+    shards = 3
+    for i in range(shards):
+        part = texts[i * documents // shards : (i + 1) * documents // shards]
+        pq.write_table(pa.table({"url": ["u"] * len(part), "text": part}),
+                       os.path.join(directory, f"train-{i:05d}-of-{shards:05d}.parquet"), row_group_size=1000)
+    tokenizer = train_bpe_tokenizer(problems[:2000], 1000, os.path.join(workdir, "bpe"))
+    source = data.file_documents(os.path.dirname(directory))
+    training_rows = data.Rows(grain.MapDataset.source(source), tokenizer, seq_len, 0, packing=False)
+    start = time.perf_counter()
+    for index in range(rows):
+        training_rows[index]
+    seconds = time.perf_counter() - start
+    encode_start = time.perf_counter()
+    sample = [source[i] for i in range(50)]
+    encoded_tokens = sum(len(tokenizer.encode(text)) for text in sample)
+    encode_seconds = time.perf_counter() - encode_start
+    return {"documents": documents, "seq_len": seq_len, "rows": rows, "rows_per_s_per_process": round(rows / seconds, 1),
+            "mean_document_tokens": round(encoded_tokens / len(sample)),
+            "tokenise_tokens_per_s_per_process": round(encoded_tokens / encode_seconds)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--data-only", action="store_true", help="only the data_rows measurement")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="load_memory_")
+    if args.data_only:
+        print(json.dumps({"data_rows": data_rows(workdir)}))
+        return
     hf_dir, model_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "model")
     count = write_hf_checkpoint(hf_dir, args.hidden, args.layers, args.vocab)
     stored_gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 2**30
@@ -116,17 +157,7 @@ def main() -> None:
                       "load_model_dir_8_devices": {"peak_rss_gb": from_model[0], "wall_s": from_model[1]},
                       "load_hf_dir_8_devices": {"peak_rss_gb": from_hf[0], "wall_s": from_hf[1]}}))
 
-    from qstar_jax.data import default_corpus
-    from qstar_jax.tokenizer import train_bpe_tokenizer
-
-    documents = default_corpus(4000, seed=1)
-    tokenizer = train_bpe_tokenizer(documents[:500], 1000, os.path.join(workdir, "bpe"))
-    start = time.perf_counter()
-    tokens = sum(len(tokenizer.encode(text)) for text in documents)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"tokenise": {"documents": len(documents), "tokens": tokens,
-                                   "tokens_per_s_per_process": round(tokens / seconds)}}))
-
+    print(json.dumps({"data_rows": data_rows(workdir)}))
 
 if __name__ == "__main__":
     main()

@@ -60,8 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
     # eval_tasks, ...). Each stage is a dict of qstar_jax.curriculum.Stage fields:
     # name, method, steps, learning_rate, every, [n_ahead, n_ahead_talk, student_init].
     # Empty: a single run. bench_tokens: tokens generated to time each stage's pick (0: skip).
+    # reinit_thoughts: a Quiet-STaR run started from a thinking checkpoint (every curriculum
+    # stage after the first) resets the start/end embeddings to "---" and the mixing head's
+    # last layer to zero, as Fast Quiet-STaR's public code does; False carries them over.
     config.curriculum = ml_collections.ConfigDict(
-        dict(stages=(), metric="eval/nll_next", mode="min", bench_tokens=256)
+        dict(stages=(), metric="eval/nll_next", mode="min", bench_tokens=256, reinit_thoughts=False)
     )
     config.data = ml_collections.ConfigDict(
         dict(
@@ -74,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
             default_documents=2000,
             default_seed=0,
             seq_len=256,
+            # False (the official code): one document per row, randomly cropped or padded
+            # with EOS. True: rows packed with consecutive documents, attention and targets
+            # kept inside each (segment ids). See qstar_jax/data.py.
+            packing=False,
             eval_documents=100,  # held out from the end of the document list
             # source="toy_reasoning": problems, their seed, the share written out with working
             toy=dict(problems=20000, seed=0, explicit_fraction=0.5, num_ops=5),

@@ -35,8 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.preflight_vocab_size = 32002  # Mistral's 32000 + the two thought tokens
     config.quiet_star.update(n_ahead=12, n_ahead_talk=4, n_passes=2)  # official defaults
     config.optimizer.update(learning_rate=1e-6, warmup_steps=20, weight_decay=0.001, grad_clip_norm=1.0)
-    config.data.update(source="files", path="data/open-web-math", max_documents=1000, seq_len=256,
-                       eval_documents=50)
+    # All of OpenWebMath, streamed: each process reads only its own rows' documents.
+    config.data.update(source="files", path="data/open-web-math", seq_len=256, eval_documents=50)
     # 200 problems of each, with thinking, at every evaluation: the paper's zero-shot metrics
     config.eval_tasks = "gsm8k:data/gsm8k/test.jsonl:200,csqa:data/csqa/dev.jsonl:200"
     config.batch_size = 8

@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Sized for a 2-core CPU (about 10 s per step): short thoughts, short windows.
     config.quiet_star.update(n_ahead=6, n_ahead_talk=2, n_passes=2, policy_loss_weight=1e5)
     config.optimizer.update(learning_rate=1e-5, warmup_steps=2)  # lr x policy weight = 1, as in the paper
-    config.data.update(source="default", seq_len=48, eval_documents=50)
+    # Short documents: packing keeps the rows full (segment ids keep them apart).
+    config.data.update(source="default", seq_len=48, eval_documents=50, packing=True)
     config.batch_size = 2
     config.steps = 10
     config.optimizer.total_steps = config.steps

@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokenizer_vocab_size = 384
     config.quiet_star.update(n_ahead=8, n_ahead_talk=4, n_passes=2, policy_loss_weight=1.0)
     config.optimizer.update(learning_rate=1e-3, warmup_steps=20, weight_decay=0.001, schedule="cosine")
-    config.data.update(source="default", seq_len=64, eval_documents=100)
+    # Short documents: packing keeps the rows full (segment ids keep them apart).
+    config.data.update(source="default", seq_len=64, eval_documents=100, packing=True)
     config.batch_size = 8
     config.steps = 300
     config.optimizer.total_steps = config.steps

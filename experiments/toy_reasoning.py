@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.method = "quiet_star"
     config.init_from = "runs/toy_study/base_model"
     config.model.scan_unroll = 2
-    config.data.update(source="toy_reasoning", seq_len=64, eval_documents=200)
+    # Short documents: packing keeps the rows full (segment ids keep them apart).
+    config.data.update(source="toy_reasoning", seq_len=64, eval_documents=200, packing=True)
     config.data.toy.update(problems=10000, seed=1, explicit_fraction=0.0, num_ops=5)
     # n_ahead 8 holds 5 sampled thought tokens: room for the 5 working steps. The answer is
     # one token and what follows it is the next (random) problem, so 2 talk tokens suffice.

@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
         model_type="llama", hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=32, max_position_embeddings=256, scan_unroll=2,
     )
-    config.data.update(source="toy_reasoning", seq_len=64, eval_documents=200)
+    # Short documents: packing keeps the rows full (segment ids keep them apart).
+    config.data.update(source="toy_reasoning", seq_len=64, eval_documents=200, packing=True)
     config.data.toy.update(problems=20000, seed=0, explicit_fraction=0.5, num_ops=5)
     config.optimizer.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01, schedule="cosine")
     config.batch_size = 32

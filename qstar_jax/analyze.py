@@ -108,9 +108,10 @@ def analyze(checkpoint: str, data: str, output: str, seq_len: int, max_documents
     config, qs, params, tokenizer = load_for_inference(checkpoint)
     if qs is None:
         raise UserError(f"{checkpoint} has no thought parameters; analysis needs a Quiet-STaR run")
-    documents = file_documents(data, max_documents=max_documents)
-    if not documents:
+    source = file_documents(data)
+    if not len(source):
         raise UserError(f"no documents in {data}")
+    documents = (source[i] for i in range(min(len(source), max_documents) if max_documents > 0 else len(source)))
     sequences, all_nll, all_gain = [], [], []
     for i, text in enumerate(documents):
         ids = tokenizer.encode(text)[:seq_len]

@@ -1,38 +1,48 @@
-"""Training data: documents -> one token stream -> random fixed-length windows.
+"""Training data: random-access documents -> per-document (or packed) rows, per process.
 
-Sources (`config.data.source`):
+Sources (`config.data.source`), each a random-access list of documents that is never
+read whole:
   * "default": a corpus the repo generates deterministically (`default_corpus`), so the
     main command needs no download;
-  * "files": a directory (or one file) of `.txt`, `.jsonl` (a text field) or `.parquet`
-    (a text column) files: how OpenWebMath or C4 are used offline;
+  * "files": a directory (or one file) of `.parquet` files with a text column (how the
+    HF hub ships OpenWebMath; `python -m qstar_jax.data to-parquet` writes C4's json.gz
+    the same way), read row group by row group; `.txt` files, one document each, read
+    on demand; `.jsonl` files (a text field), read whole, for small corpora;
   * "toy_reasoning": chained arithmetic with the working written out or left implicit
     (toy_reasoning.py; the miniature replication of docs/toy_experiment.md);
   * "tfds": a tensorflow-datasets dataset by name, already prepared in `data_dir`, read
     through its TF-free array_record data source.
 
-Windows follow the paper: each example is a random `seq_len`-token crop of the token
-stream (documents joined with EOS). The window of global example i at step s is a pure
-function of (seed, s, i), so the data "iterator" state is just the next step: saved in
-every checkpoint, resumable exactly, and each host / data-parallel rank draws its own
-rows without coordination.
+Rows follow the official code by default: one document per row (BOS + text + EOS),
+randomly cropped to `seq_len` or right-padded (padding is segment 0: never attended to,
+never a target). With `data.packing` a row starts at a random point of one document and
+is filled with the next documents of the shuffled order, each its own segment (1, 2, ...)
+so packed documents never see each other (model.py's segment ids).
+
+The order is grain's: documents shuffled by a seeded index permutation, reshuffled every
+epoch, addressed lazily. Row r of step s is global example `s * batch_size + r`, a pure
+function of (seed, index): each process reads and tokenises only the rows of its own
+devices, nothing is kept between steps, and the data "iterator" state is just the next
+step, saved in every checkpoint, so resume is exact (and independent of process count).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gzip
 import json
 import random
-from typing import Iterable, Sequence
+from typing import Iterator, Protocol, Sequence
 
+import grain
 import numpy as np
 
 from qstar_jax import paths, toy_reasoning
-from qstar_jax.errors import UserError
+from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-
 # ------------------------------------------------------------------------ default corpus
 
 
@@ -77,32 +87,97 @@ def default_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
 # ------------------------------------------------------------------------------ sources
 
 
-def _read_file(path: paths.Path, text_field: str) -> Iterable[str]:
-    if path.name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8")
-    elif path.name.endswith(".jsonl"):
-        with path.open("r", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
-                if text_field not in record:
-                    raise UserError(f"{path}:{line_number} has no {text_field!r} field")
-                yield record[text_field]
-    else:
+class Documents(Protocol):
+    """A random-access list of texts (what grain's `MapDataset.source` takes)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> str: ...
+
+
+class ParquetDocuments:
+    """The text column of one parquet file, read one row group at a time.
+
+    Only the footer is read up front (row counts); a document's row group is read when
+    the document is asked for, and the last few stay cached. HF's parquet shards hold
+    row groups of ~1,000 documents, so this is a few MB per read, local or on a bucket.
+    """
+
+    def __init__(self, path: paths.Path, text_field: str):
         import pyarrow.parquet as pq
 
-        with path.open("rb") as f:
-            table = pq.read_table(f)
-        if text_field not in table.column_names:
-            raise UserError(f"{path} has no {text_field!r} column (columns: {', '.join(table.column_names)})")
-        yield from table.column(text_field).to_pylist()
+        self.path, self.text_field = path, text_field
+        try:
+            self._file = pq.ParquetFile(path.open("rb"))
+        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+            raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+        names = self._file.schema_arrow.names
+        if text_field not in names:
+            raise UserError(f"{path} has no {text_field!r} column (columns: {', '.join(names)})")
+        metadata = self._file.metadata
+        counts = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._read_group = functools.lru_cache(maxsize=4)(self._read_group_uncached)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _read_group_uncached(self, group: int) -> list:
+        return self._file.read_row_group(group, columns=[self.text_field]).column(0).to_pylist()
+
+    def __getitem__(self, index: int) -> str:
+        group = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._read_group(group)[index - int(self._starts[group])] or ""
 
 
-def file_documents(path: str, text_field: str = "text", max_documents: int = 0) -> list[str]:
+class TextFileDocuments:
+    """`.txt` files, one document each, read when asked for."""
+
+    def __init__(self, files: Sequence[paths.Path]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> str:
+        return paths.read_text(self.files[index])
+
+
+def jsonl_documents(path: paths.Path, text_field: str) -> list[str]:
+    """Every text of a JSON-lines file (read whole: for corpora that fit in memory)."""
+    documents = []
+    for line_number, line in enumerate(paths.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise UserError(f"{path}:{line_number} has no {text_field!r} text field")
+        documents.append(record[text_field])
+    return documents
+
+
+class ConcatDocuments:
+    """Several document lists as one, in order."""
+
+    def __init__(self, parts: Sequence[Documents]):
+        self.parts = [part for part in parts if len(part)]
+        self._starts = np.concatenate([[0], np.cumsum([len(part) for part in self.parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> str:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.parts[part][index - int(self._starts[part])]
+
+
+def file_documents(path: str, text_field: str = "text") -> Documents:
+    """The documents of a file or of every .parquet/.txt/.jsonl file under a directory."""
     root = paths.path(path)
     if root.is_file():
         files = [root]
@@ -112,114 +187,212 @@ def file_documents(path: str, text_field: str = "text", max_documents: int = 0) 
             raise UserError(f"no {'/'.join(TEXT_SUFFIXES)} files in data directory {path}")
     else:
         raise UserError(f"data path does not exist: {path}")
-    documents = []
+    parts: list[Documents] = []
+    texts = [f for f in files if f.name.endswith(".txt")]
+    if texts:
+        parts.append(TextFileDocuments(texts))
     for file in files:
-        for text in _read_file(file, text_field):
-            if text:
-                documents.append(text)
-            if max_documents and len(documents) >= max_documents:
-                return documents
-    return documents
+        if file.name.endswith(".parquet"):
+            parts.append(ParquetDocuments(file, text_field))
+        elif file.name.endswith(".jsonl"):
+            parts.append(jsonl_documents(file, text_field))
+        elif not file.name.endswith(".txt"):
+            raise UserError(f"{file} is not a {'/'.join(TEXT_SUFFIXES)} file")
+    return ConcatDocuments(parts)
 
 
-def tfds_documents(name: str, split: str, data_dir: str | None, text_field: str = "text",
-                   max_documents: int = 0) -> list[str]:
-    """Reads a prepared tfds dataset through `tfds.data_source` (no TensorFlow needed)."""
-    import tensorflow_datasets as tfds
+class TfdsDocuments:
+    """A prepared tfds split through `tfds.data_source` (random access, no TensorFlow)."""
 
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises many types for "not prepared here"
-        raise UserError(f"tfds dataset {name!r} split {split!r} is not available in {data_dir}: "
-                        f"{str(e).splitlines()[0]}") from None
-    count = len(source) if not max_documents else min(len(source), max_documents)
-    documents = []
-    for i in range(count):
-        text = source[i][text_field]
-        documents.append(text.decode("utf-8") if isinstance(text, bytes) else text)
-    return documents
+    def __init__(self, name: str, split: str, data_dir: str | None, text_field: str = "text"):
+        import tensorflow_datasets as tfds
+
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises many types for "not prepared here"
+            raise UserError(f"tfds dataset {name!r} split {split!r} is not available in {data_dir}: "
+                            f"{str(e).splitlines()[0]}") from None
+        self.text_field = text_field
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> str:
+        text = self._source[index][self.text_field]
+        return text.decode("utf-8") if isinstance(text, bytes) else text
 
 
-def load_documents(data_config) -> list[str]:
+def load_documents(data_config) -> grain.MapDataset:
+    """The configured source as a random-access dataset of texts (`max_documents` > 0 keeps
+    the first that many)."""
     source = data_config.source
     if source == "default":
-        documents = default_corpus(data_config.default_documents, data_config.default_seed)
+        documents: Documents = default_corpus(data_config.default_documents, data_config.default_seed)
     elif source == "files":
-        documents = file_documents(data_config.path, data_config.text_field, data_config.max_documents)
+        documents = file_documents(data_config.path, data_config.text_field)
     elif source == "toy_reasoning":
         toy = data_config.toy
         documents = toy_reasoning.documents(toy.problems, toy.seed, toy.explicit_fraction, toy.num_ops)
     elif source == "tfds":
-        documents = tfds_documents(data_config.tfds_name, data_config.split, data_config.path or None,
-                                   data_config.text_field, data_config.max_documents)
+        documents = TfdsDocuments(data_config.tfds_name, data_config.split, data_config.path or None,
+                                  data_config.text_field)
     else:
         raise UserError(f"data.source must be 'default', 'files', 'toy_reasoning' or 'tfds', got {source!r}")
-    if not documents:
+    if not len(documents):
         raise UserError(f"the {source} dataset is empty")
-    return documents
+    dataset = grain.MapDataset.source(documents)
+    if data_config.max_documents > 0:
+        dataset = dataset[: data_config.max_documents]
+    return dataset
 
 
-# ------------------------------------------------------------------------------- tokens
-
-
-def token_stream(documents: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
-    """All documents as one int32 stream, each wrapped in BOS ... EOS when the tokenizer has them."""
-    pieces = []
-    for text in documents:
-        ids = tokenizer.encode(text)
-        if tokenizer.bos_id is not None:
-            ids = [tokenizer.bos_id] + ids
-        if tokenizer.eos_id is not None:
-            ids = ids + [tokenizer.eos_id]
-        pieces.append(np.asarray(ids, np.int32))
-    return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowSampler:
-    """Random `seq_len` windows of a token stream, addressed by (step, example index)."""
-
-    tokens: np.ndarray
-    seq_len: int
-    seed: int
-
-    def __post_init__(self):
-        if len(self.tokens) < self.seq_len:
-            raise UserError(
-                f"dataset has {len(self.tokens)} tokens, fewer than one window of seq_len={self.seq_len}"
-            )
-
-    def window(self, step: int, index: int) -> np.ndarray:
-        rng = np.random.default_rng((self.seed, step, index))
-        start = int(rng.integers(0, len(self.tokens) - self.seq_len + 1))
-        return self.tokens[start : start + self.seq_len]
-
-    def batch(self, step: int, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and validity (all real: windows never run past the stream) for these rows."""
-        tokens = np.stack([self.window(step, i) for i in rows])
-        return tokens, np.ones(tokens.shape, bool)
-
-
-def split_documents(documents: list[str], eval_documents: int) -> tuple[list[str], list[str]]:
+def split_documents(documents: grain.MapDataset, eval_documents: int) -> tuple[grain.MapDataset, grain.MapDataset]:
     """Holds out the last `eval_documents` documents for evaluation (never trained on)."""
     if eval_documents <= 0:
-        return documents, []
+        return documents, documents[:0]
     if eval_documents >= len(documents):
         raise UserError(f"data.eval_documents={eval_documents} leaves no training documents "
                         f"(dataset has {len(documents)})")
     return documents[:-eval_documents], documents[-eval_documents:]
 
 
+def leading_documents(documents: grain.MapDataset, limit: int) -> list[str]:
+    """The first `limit` documents (what a tokenizer is trained on for a random init)."""
+    return [documents[i] for i in range(min(len(documents), limit))]
+
+
+# --------------------------------------------------------------------------------- rows
+
+
+def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """A document's token ids, wrapped in BOS ... EOS when the tokenizer has them."""
+    ids = tokenizer.encode(text)
+    if tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    if tokenizer.eos_id is not None:
+        ids = ids + [tokenizer.eos_id]
+    return np.asarray(ids, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    tokens_N: np.ndarray  # int32
+    segments_N: np.ndarray  # int32: 0 padding, 1, 2, ... documents
+
+
+class Rows:
+    """Training rows addressed by a global example index: `rows[i]` is a pure function of
+    (documents, seed, i), so any process can build any row without coordination."""
+
+    def __init__(self, documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, seed: int,
+                 packing: bool):
+        if seq_len < 2:
+            raise UserError(f"data.seq_len must be at least 2, got {seq_len}")
+        if not len(documents):
+            raise UserError("no documents to build training rows from")
+        self.seq_len, self.seed, self.packing = seq_len, seed, packing
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        # Every epoch is a fresh permutation (grain's repeat of a shuffled dataset).
+        self.encoded = (documents.shuffle(seed=seed).repeat(None)
+                        .map(functools.partial(encode_document, tokenizer)))
+
+    def __getitem__(self, index: int) -> Row:
+        rng = np.random.default_rng((self.seed, index))
+        ids = self.encoded[index]
+        tokens_N = np.full(self.seq_len, self.pad_id, np.int32)
+        segments_N = np.zeros(self.seq_len, np.int32)
+        if self.packing:  # anywhere in the first document; the next ones fill the row
+            start = int(rng.integers(0, len(ids)))
+        else:  # a random crop of a long document (a short one starts at 0 and is padded)
+            start = int(rng.integers(0, max(len(ids) - self.seq_len, 0) + 1))
+        filled, segment, following = 0, 1, index
+        while filled < self.seq_len:
+            piece = ids[start : start + self.seq_len - filled]
+            tokens_N[filled : filled + len(piece)] = piece
+            segments_N[filled : filled + len(piece)] = segment
+            filled += len(piece)
+            if not self.packing:
+                break
+            following, segment, start = following + 1, segment + 1, 0
+            ids = self.encoded[following]
+        return Row(tokens_N, segments_N)
+
+    def batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        rows = [self[i] for i in indices]
+        return np.stack([r.tokens_N for r in rows]), np.stack([r.segments_N for r in rows])
+
+
+# ---------------------------------------------------------------------- C4 -> parquet
+
+
+def json_lines(path: paths.Path) -> Iterator[dict]:
+    """Records of a `.jsonl` or `.json.gz` file (C4's layout on the HF hub), streamed."""
+    with path.open("rb") as raw:
+        stream = gzip.open(raw, "rt", encoding="utf-8") if path.name.endswith(".gz") else (
+            line.decode("utf-8") for line in raw)
+        for line_number, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
+
+
+def to_parquet(source: str, output: str, text_field: str = "text", rows_per_group: int = 1000) -> int:
+    """Rewrites every `.json.gz`/`.jsonl` file under `source` as a parquet file (the text
+    column, row groups of `rows_per_group`) under `output`, one file at a time in bounded
+    memory. Returns the number of documents written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = paths.path(source)
+    files = [root] if root.is_file() else [f for f in paths.files_under(root)
+                                            if f.name.endswith((".json.gz", ".jsonl"))]
+    if not files:
+        raise UserError(f"no .json.gz/.jsonl files under {source}")
+    schema = pa.schema([(text_field, pa.string())])
+    total = 0
+    for file in files:
+        name = file.name.removesuffix(".gz").removesuffix(".json").removesuffix(".jsonl") + ".parquet"
+        target = paths.path(output) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as sink, pq.ParquetWriter(sink, schema) as writer:
+            batch: list[str] = []
+            for line_number, record in enumerate(json_lines(file), 1):
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise UserError(f"{file}:{line_number} has no {text_field!r} text field")
+                batch.append(record[text_field])
+                if len(batch) == rows_per_group:
+                    writer.write_table(pa.table({text_field: batch}, schema=schema))
+                    total, batch = total + len(batch), []
+            if batch:
+                writer.write_table(pa.table({text_field: batch}, schema=schema))
+                total += len(batch)
+    return total
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    """Writes held-out arithmetic problems as GSM8K-format JSONL (for qstar_jax.evaluate)."""
+    """Data preparation: held-out arithmetic problems as GSM8K-format JSONL (for
+    qstar_jax.evaluate), or JSON-lines corpora (C4's json.gz) rewritten as parquet."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m qstar_jax.data", description=main.__doc__)
-    parser.add_argument("--write-problems", required=True, metavar="FILE")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write-problems", metavar="FILE")
+    action.add_argument("--to-parquet", metavar="SOURCE", help="a .json.gz/.jsonl file or a directory of them")
+    parser.add_argument("--output", metavar="DIR", help="--to-parquet: the directory the parquet files go to")
+    parser.add_argument("--text-field", default="text")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1, help="the training corpus uses data.default_seed (0)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.to_parquet:
+        if not args.output:
+            raise UserError("--to-parquet needs --output DIR")
+        count = to_parquet(args.to_parquet, args.output, args.text_field)
+        print(f"wrote {count} documents to {args.output}")
+        return
     paths.write_text(args.write_problems,
                      "".join(json.dumps(problem) + "\n" for problem in arithmetic_problems(args.count, args.seed)))
 

@@ -6,11 +6,16 @@ which keeps compile time flat in depth and gives FSDP one array per weight kind.
 
 Attention is pluggable: a `Block` computes q/k/v (with RoPE at explicit positions) and
 hands them to an *attention strategy* that decides what each query sees and what per-layer
-state (a KV cache, the keys of a base pass, ...) flows in and out. Three strategies live
-here: `CausalAttention` (a full sequence, with padding and sliding window),
-`CachedAttention` (incremental decoding with a KV cache). Quiet-STaR's thought attention
-(in `quiet_star.py`) is a third, built from the helpers below; nothing hard-wires a
-plain causal mask into the only code path.
+state (a KV cache, the keys of a base pass, ...) flows in and out. Two strategies live
+here: `CausalAttention` (a full sequence, with padding, packed-document segments and
+sliding window) and `CachedAttention` (incremental decoding with a KV cache). Quiet-STaR's
+thought attention (in `quiet_star.py`) is a third, built from the helpers below; nothing
+hard-wires a plain causal mask into the only code path.
+
+Segment ids (`segments_BxT`, int32) say which document each token belongs to: 0 is
+padding, 1, 2, ... are the documents packed into a row, in order. A token attends only to
+earlier tokens of its own segment, and positions restart at each segment. A bool validity
+mask is the one-segment case (True = 1), so callers with padding only pass their mask.
 
 Shape suffixes: B batch, T query length, S key length, D model width, H query heads,
 G key/value heads, R = H // G queries per KV head, K head dim, F MLP width, V vocab,
@@ -88,6 +93,28 @@ def window_mask(q_positions_BxT: jax.Array, kv_positions_BxS: jax.Array, window:
     return distance_BxTxS < window
 
 
+def positions_from_segments(segments_BxT: jax.Array) -> jax.Array:
+    """Position ids that restart at each segment and count only its real tokens.
+
+    Segment ids must not decrease along a row (packing numbers documents 1, 2, ...); with a
+    bool mask this is `positions_from_valid`, so left padding is harmless.
+    """
+    segments_BxT = segments_BxT.astype(jnp.int32)
+    real_BxT = segments_BxT > 0
+    count_BxT = jnp.cumsum(real_BxT.astype(jnp.int32), axis=1)
+    seen_BxT = jax.lax.cummax(segments_BxT, axis=1)
+    previous_BxT = jnp.pad(seen_BxT[:, :-1], ((0, 0), (1, 0)))
+    starts_BxT = real_BxT & (segments_BxT > previous_BxT)
+    count_before_start_BxT = jax.lax.cummax(jnp.where(starts_BxT, count_BxT - 1, 0), axis=1)
+    return jnp.maximum(count_BxT - 1 - count_before_start_BxT, 0)
+
+
+def same_segment(q_segments_BxT: jax.Array, k_segments_BxS: jax.Array) -> jax.Array:
+    """BxTxS: key s is a real token of query t's segment (bool masks: key s is real)."""
+    k_BxS = k_segments_BxS.astype(jnp.int32)
+    return (q_segments_BxT.astype(jnp.int32)[:, :, None] == k_BxS[:, None, :]) & (k_BxS[:, None, :] > 0)
+
+
 def positions_from_valid(valid_BxT: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
     """Position ids that count only valid (non-padding) tokens, so left padding is harmless."""
     positions_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
@@ -108,9 +135,9 @@ class AttentionInputs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CausalAttention:
-    """Self-attention over one full sequence: causal by index, padding keys hidden.
+    """Self-attention over one full sequence: causal by index, inside each token's segment.
 
-    `extras` is `valid_BxT` (bool). With `return_kv`, each layer's post-RoPE keys and
+    `extras` is `segments_BxT` (int ids, 0 = padding; or a bool validity mask). With `return_kv`, each layer's post-RoPE keys and
     values come back as the per-layer output, so a later pass (Quiet-STaR thoughts,
     decoding) can attend to this pass without recomputing it.
     """
@@ -120,11 +147,11 @@ class CausalAttention:
 
     def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
         del layer_state
-        valid_BxT = inputs.extras
+        segments_BxT = inputs.extras
         t = q_BxTxHxK.shape[1]
         index_T = jnp.arange(t)
         causal_TxT = index_T[:, None] >= index_T[None, :]
-        mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
+        mask_BxTxT = causal_TxT[None] & same_segment(segments_BxT, segments_BxT)
         mask_BxTxT &= window_mask(inputs.positions_BxT, inputs.positions_BxT, self.sliding_window)
         out_BxTxHxK = masked_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxT)
         return out_BxTxHxK, ((k_BxTxGxK, v_BxTxGxK) if self.return_kv else None)
@@ -294,19 +321,20 @@ def forward(
     params: Params,
     tokens_BxT: jax.Array,
     positions_BxT: jax.Array | None = None,
-    valid_BxT: jax.Array | None = None,
+    segments_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Full-sequence forward; returns (float32 logits_BxTxV, final-normed hidden_BxTxD).
 
-    `valid_BxT` marks real tokens (False = padding, hidden from every query). When
-    positions are not given they count valid tokens, so left- or right-padding is harmless.
+    `segments_BxT`: segment ids (0 = padding, hidden from every query) or a bool validity
+    mask. When positions are not given they restart at each segment and count its real
+    tokens, so left- or right-padding is harmless.
     """
     chex.assert_rank(tokens_BxT, 2)
-    if valid_BxT is None:
-        valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+    if segments_BxT is None:
+        segments_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     if positions_BxT is None:
-        positions_BxT = positions_from_valid(valid_BxT)
-    inputs = AttentionInputs(positions_BxT, valid_BxT)
+        positions_BxT = positions_from_segments(segments_BxT)
+    inputs = AttentionInputs(positions_BxT, segments_BxT)
     logits_BxTxV, h_BxTxD, _ = Transformer(config).apply({"params": params}, tokens_BxT, inputs)
     return logits_BxTxV, h_BxTxD
 
@@ -316,10 +344,11 @@ def apply_lm(
     params: Params,
     tokens_BxL: jax.Array,
     positions_BxL: jax.Array | None = None,
-    valid_BxL: jax.Array | None = None,
+    segments_BxL: jax.Array | None = None,
 ) -> jax.Array:
-    """Float32 next-token logits_BxLxV for a batch of token ids (public API)."""
-    return forward(config, params, jnp.asarray(tokens_BxL), positions_BxL, valid_BxL)[0]
+    """Float32 next-token logits_BxLxV for a batch of token ids (public API); `segments_BxL`
+    as in `forward` (segment ids, or a bool padding mask)."""
+    return forward(config, params, jnp.asarray(tokens_BxL), positions_BxL, segments_BxL)[0]
 
 
 def token_logp(logits_xV: jax.Array, tokens_x: jax.Array) -> jax.Array:
@@ -330,13 +359,19 @@ def token_logp(logits_xV: jax.Array, tokens_x: jax.Array) -> jax.Array:
     return picked_x - jax.nn.logsumexp(logits_xV, axis=-1)
 
 
+def next_token_mask(segments_BxT: jax.Array) -> jax.Array:
+    """Bx(T-1): token t+1 is a real token of token t's segment (a next-token target)."""
+    segments_BxT = segments_BxT.astype(jnp.int32)
+    return (segments_BxT[:, 1:] == segments_BxT[:, :-1]) & (segments_BxT[:, 1:] > 0)
+
+
 def next_token_loss(
-    config: ModelConfig, params: Params, tokens_BxT: jax.Array, valid_BxT: jax.Array
+    config: ModelConfig, params: Params, tokens_BxT: jax.Array, segments_BxT: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Plain language-model loss: mean NLL of each real token given the real ones before it."""
-    logits_BxTxV, _ = forward(config, params, tokens_BxT, None, valid_BxT)
+    """Plain language-model loss: mean NLL of each real token given its segment before it."""
+    logits_BxTxV, _ = forward(config, params, tokens_BxT, None, segments_BxT)
     picked_BxT = token_logp(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
-    mask_BxT = valid_BxT[:, 1:] & valid_BxT[:, :-1]
+    mask_BxT = next_token_mask(segments_BxT)
     nll = -jnp.sum(jnp.where(mask_BxT, picked_BxT, 0.0)) / jnp.maximum(mask_BxT.sum(), 1)
     return nll, {"loss": nll, "nll_base": nll, "nll_next": nll}
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError
-from qstar_jax.model import Params, forward, token_logp
+from qstar_jax.model import Params, forward, next_token_mask, token_logp
 from qstar_jax.quiet_star import rollout, sample_thought_tokens
 
 FORMS = ("paper", "code")
@@ -62,24 +62,24 @@ def teacher_config(qs: QuietStarConfig, ntp: NTPConfig) -> QuietStarConfig:
 
 
 def teacher_nll(config: ModelConfig, qs: QuietStarConfig, params: Params, tokens_BxN: jax.Array,
-                valid_BxN: jax.Array, rng: jax.Array) -> jax.Array:
+                segments_BxN: jax.Array, rng: jax.Array) -> jax.Array:
     """NLL_T of x_{j+1} at each position j (B x N; 0 where there is no real target).
 
     `qs` is already the teacher's (`teacher_config`); thoughts are sampled from `rng`.
     """
-    r = rollout(config, qs, jax.lax.stop_gradient(params), tokens_BxN, valid_BxN, rng)
+    r = rollout(config, qs, jax.lax.stop_gradient(params), tokens_BxN, segments_BxN, rng)
     logp_BxN = r.talk_logp_CxBxPxN[0].mean(axis=1)
     return jnp.where(r.target_valid_CxBxN[0], -logp_BxN, 0.0)
 
 
 def teacher_nll_batches(config: ModelConfig, qs: QuietStarConfig, params: Params, tokens_AxBxN: jax.Array,
-                        valid_AxBxN: jax.Array, rng: jax.Array) -> jax.Array:
+                        segments_AxBxN: jax.Array, rng: jax.Array) -> jax.Array:
     """`teacher_nll` of A micro-batches, one at a time (A x B x N)."""
     def one(xs):
-        index, tokens_BxN, valid_BxN = xs
-        return teacher_nll(config, qs, params, tokens_BxN, valid_BxN, jax.random.fold_in(rng, index))
+        index, tokens_BxN, segments_BxN = xs
+        return teacher_nll(config, qs, params, tokens_BxN, segments_BxN, jax.random.fold_in(rng, index))
 
-    return jax.lax.map(one, (jnp.arange(tokens_AxBxN.shape[0]), tokens_AxBxN, valid_AxBxN))
+    return jax.lax.map(one, (jnp.arange(tokens_AxBxN.shape[0]), tokens_AxBxN, segments_AxBxN))
 
 
 # ------------------------------------------------------------------------------ student
@@ -123,11 +123,11 @@ def ntp_terms(ntp: NTPConfig, logits_BxMxV: jax.Array, targets_BxM: jax.Array, m
     return NTPTerms(loss, nll_student, _masked_mean(teacher_nll_BxM, mask_BxM), reward_BxM, action_BxM)
 
 
-def ntp_loss(config: ModelConfig, ntp: NTPConfig, params: Params, tokens_BxN: jax.Array, valid_BxN: jax.Array,
+def ntp_loss(config: ModelConfig, ntp: NTPConfig, params: Params, tokens_BxN: jax.Array, segments_BxN: jax.Array,
              rng: jax.Array, teacher_nll_BxN: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar loss and metrics of the student (plain LM params) on one micro-batch."""
-    logits_BxNxV, _ = forward(config, params, tokens_BxN, None, valid_BxN)
-    mask_BxM = valid_BxN[:, 1:] & valid_BxN[:, :-1]
+    logits_BxNxV, _ = forward(config, params, tokens_BxN, None, segments_BxN)
+    mask_BxM = next_token_mask(segments_BxN)
     uniform_BxM = jax.random.uniform(rng, mask_BxM.shape)
     terms = ntp_terms(ntp, logits_BxNxV[:, :-1], tokens_BxN[:, 1:], mask_BxM, teacher_nll_BxN[:, :-1], uniform_BxM)
     metrics = {

@@ -1,13 +1,15 @@
 """Quiet-STaR: think (parallel thoughts), talk (mixing head), learn (REINFORCE + NLL).
 
-The whole method is a pure function of (params, tokens, valid, rng) that `jax.jit` and
-`jax.grad` accept. The efficient part is the attention of thought tokens:
+The whole method is a pure function of (params, tokens, segments, rng) that `jax.jit`
+and `jax.grad` accept; `segments_BxN` holds segment ids (0 = padding, 1, 2, ... = packed
+documents, as in model.py) or a bool padding mask. A thought at j sees only its own
+document's prefix, and talk targets never cross into the next document. The efficient part is the attention of thought tokens:
 
 * The base sequence is run once (`CausalAttention(return_kv=True)`); its post-RoPE keys
   and values are kept for every layer.
 * At thought step s, every position j of every pass p feeds one new token. Its query
   attends to (a) the base keys k <= j (padding and sliding window respected) and (b) the
-  keys of its *own* earlier thought tokens, a per-position "diagonal" block held as a
+  keys of its *own* earlier thought tokens (a per-position "diagonal" block) held as a
   cache of shape B x P x N x S. One softmax spans both parts. Work per step and head is
   O(N * (N + s)); no N x N*(s+1) mask is ever built (the official code builds one).
 * Steps run under `lax.scan` with `jax.checkpoint`, so activation memory is one step's
@@ -37,7 +39,8 @@ from qstar_jax.model import (
     Params,
     Transformer,
     masked_attention,
-    positions_from_valid,
+    positions_from_segments,
+    same_segment,
     token_logp,
 )
 from qstar_jax.errors import UserError
@@ -50,7 +53,7 @@ class ThoughtExtras(NamedTuple):
 
     step: jax.Array  # int32 scalar, 1-based thought step being fed
     base_positions_BxN: jax.Array
-    base_valid_BxN: jax.Array
+    base_segments_BxN: jax.Array
 
 
 def _to_groups(x_BxTxHxK: jax.Array, p: int, g: int) -> jax.Array:
@@ -62,12 +65,13 @@ def _to_groups(x_BxTxHxK: jax.Array, p: int, g: int) -> jax.Array:
 def _thought_masks(extras: ThoughtExtras, n: int, s: int, window: int | None) -> tuple[jax.Array, jax.Array]:
     """Which base keys (BxNxN, query x key) and which own-cache slots (S) a thought step sees.
 
-    Base keys: index-causal (key <= query position j), real tokens only, and inside the
-    sliding window of the thought token's own position (base position + step). Cache
+    Base keys: index-causal (key <= query position j), real tokens of j's segment only,
+    and inside the sliding window of the thought token's own position (base position + step). Cache
     slots: those of steps 1..step-1 (filled), inside the window.
     """
     index_N = jnp.arange(n)
-    base_mask_BxNxN = (index_N[None, :, None] >= index_N[None, None, :]) & extras.base_valid_BxN[:, None, :]
+    segments_BxN = extras.base_segments_BxN
+    base_mask_BxNxN = (index_N[None, :, None] >= index_N[None, None, :]) & same_segment(segments_BxN, segments_BxN)
     slot_S = jnp.arange(s)
     cache_mask_S = slot_S < extras.step - 1
     if window is not None:
@@ -217,7 +221,7 @@ class Rollout(NamedTuple):
     """Per-position quantities of one Quiet-STaR forward pass (what the loss is made of)."""
 
     base_logp_BxN: jax.Array  # log p_base(x_{j+1} | x_<=j)
-    target_valid_CxBxN: jax.Array  # talk target x_{j+1+c} exists and is real (and x_j is)
+    target_valid_CxBxN: jax.Array  # talk target x_{j+1+c} exists, is real and in x_j's segment
     sampled_SxBxPxN: jax.Array  # sampled thought tokens (S = n_ahead - 3)
     sample_logp_SxBxPxN: jax.Array  # log softmax(logits / reinforce_temperature)[sampled]
     talk_logp_CxBxPxN: jax.Array  # log p_mix(x_{j+1+c}) after the thought
@@ -301,10 +305,12 @@ def rows_in_chunks(fn, chunk_rows: int, *arrays_BxTx):
     return jax.tree.map(lambda x: x.reshape((b, t) + x.shape[1:]), out)
 
 
-def talk_targets(tokens_BxN: jax.Array, valid_BxN: jax.Array, n_talk: int) -> tuple[jax.Array, jax.Array]:
-    """Targets x_{j+1+c} (CxBxN) and whether each exists, is real, and follows a real x_j."""
+def talk_targets(tokens_BxN: jax.Array, segments_BxN: jax.Array, n_talk: int) -> tuple[jax.Array, jax.Array]:
+    """Targets x_{j+1+c} (CxBxN) and whether each exists and is a real token of x_j's segment."""
+    segments_BxN = segments_BxN.astype(jnp.int32)
     targets = jnp.stack([_shift_left(tokens_BxN, c + 1, 0) for c in range(n_talk)])
-    valid = jnp.stack([_shift_left(valid_BxN, c + 1, False) & valid_BxN for c in range(n_talk)])
+    valid = jnp.stack([(_shift_left(segments_BxN, c + 1, 0) == segments_BxN) & (segments_BxN > 0)
+                       for c in range(n_talk)])
     return targets, valid
 
 
@@ -313,7 +319,7 @@ def rollout(
     qs: QuietStarConfig,
     params: Params,
     tokens_BxN: jax.Array,
-    valid_BxN: jax.Array,
+    segments_BxN: jax.Array,
     rng: jax.Array,
     forced_thoughts_SxBxPxN: jax.Array | None = None,
 ) -> Rollout:
@@ -323,7 +329,7 @@ def rollout(
     (their log-probs are still computed): scoring fixed thoughts, and isolation tests.
     """
     chex.assert_rank(tokens_BxN, 2)
-    chex.assert_equal_shape([tokens_BxN, valid_BxN])
+    chex.assert_equal_shape([tokens_BxN, segments_BxN])
     check_thought_ids(config, qs)
     b, n = tokens_BxN.shape
     p, c_talk, s_total = qs.n_passes, qs.n_ahead_talk, qs.n_steps
@@ -339,12 +345,12 @@ def rollout(
         return token_logp(lm_logits(h_RxD), target_R)
 
     # Step 0: the base pass, keeping every layer's keys and values.
-    positions_BxN = positions_from_valid(valid_BxN)
+    positions_BxN = positions_from_segments(segments_BxN)
     base_model = Transformer(config, CausalAttention(config.sliding_window, return_kv=True))
     h_base_BxNxD, (base_k, base_v) = base_model.apply(
-        lm, embed(tokens_BxN), AttentionInputs(positions_BxN, valid_BxN), method=Transformer.transform
+        lm, embed(tokens_BxN), AttentionInputs(positions_BxN, segments_BxN), method=Transformer.transform
     )
-    targets_CxBxN, target_valid_CxBxN = talk_targets(tokens_BxN, valid_BxN, c_talk)
+    targets_CxBxN, target_valid_CxBxN = talk_targets(tokens_BxN, segments_BxN, c_talk)
     base_logp_BxN = rows_in_chunks(target_logp, chunk, h_base_BxNxD, targets_CxBxN[0])
 
     thought_model = Transformer(config, THOUGHT_ATTENTION[qs.attention_impl](config.sliding_window))
@@ -355,7 +361,7 @@ def rollout(
 
     def think(x_BxTxD, step, cache):
         """Feeds one token per (pass, position); returns hidden states and the extended cache."""
-        inputs = AttentionInputs(positions_BxT + step, ThoughtExtras(step, positions_BxN, valid_BxN))
+        inputs = AttentionInputs(positions_BxT + step, ThoughtExtras(step, positions_BxN, segments_BxN))
         h_BxTxD, (k_LxBxGxPxNxK, v_LxBxGxPxNxK) = thought_model.apply(
             lm, x_BxTxD, inputs, (base_k, base_v) + cache, method=Transformer.transform
         )
@@ -456,7 +462,8 @@ def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
     """The Quiet-STaR objective from per-position quantities.
 
     reward(b, p, j) = sum_c [log p_mix,c(x_{j+1+c}) - log p_base(x_{j+1+c})], minus its
-    mean over the n_passes sibling thoughts, clipped at 0 if configured; REINFORCE on the
+    mean over the n_passes sibling thoughts (no baseline when n_passes = 1), clipped at 0
+    if configured; REINFORCE on the
     sampled thought tokens' log-probs; NLL of the base and of the talk predictions.
     """
     valid_CxBxN = r.target_valid_CxBxN
@@ -464,7 +471,10 @@ def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
     base_logp_CxBxN = jnp.stack([_shift_left(r.base_logp_BxN, c, 0.0) for c in range(n_talk)])
     gain_CxBxPxN = jnp.where(valid_CxBxN[:, :, None], r.talk_logp_CxBxPxN - base_logp_CxBxN[:, :, None], 0.0)
     raw_reward_BxPxN = gain_CxBxPxN.sum(axis=0)
-    reward_BxPxN = raw_reward_BxPxN - raw_reward_BxPxN.mean(axis=1, keepdims=True)
+    # A lone thought has no siblings to compare with: its baseline would be itself and every
+    # reward 0, so (as the official code) it is rewarded by its raw gain over the base.
+    baseline_BxPxN = raw_reward_BxPxN.mean(axis=1, keepdims=True) if raw_reward_BxPxN.shape[1] > 1 else 0.0
+    reward_BxPxN = raw_reward_BxPxN - baseline_BxPxN
     if qs.clip_negative_rewards:
         reward_BxPxN = jnp.maximum(reward_BxPxN, 0.0)
     eligible_BxN = jnp.all(valid_CxBxN, axis=0)
@@ -489,11 +499,11 @@ def quiet_star_loss(
     qs: QuietStarConfig,
     params: Params,
     tokens_BxN: jax.Array,
-    valid_BxN: jax.Array,
+    segments_BxN: jax.Array,
     rng: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar loss and metrics; differentiable in `params`."""
-    r = rollout(config, qs, params, tokens_BxN, valid_BxN, rng)
+    r = rollout(config, qs, params, tokens_BxN, segments_BxN, rng)
     terms = loss_terms(qs, r)
     eligible = terms.eligible_BxN[:, None]
     metrics = {

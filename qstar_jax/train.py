@@ -169,6 +169,18 @@ def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer
     return model_config, qs, params
 
 
+def reinit_thoughts(params: Params, tokenizer: Tokenizer, qs: QuietStarConfig) -> Params:
+    """Start/end embeddings back to the embedding of "---" and the mixing head's last layer
+    back to zero (w = 0: the mixed prediction is the base one again), keeping the LM and
+    the head's other layers: what Fast Quiet-STaR's public code does at every stage."""
+    embedding_VxD = params["lm"]["embed_tokens"]["embedding"]
+    init_D = embedding_VxD[tokenizer.encode(THOUGHT_INIT_TEXT)[0]].astype(jnp.float32)
+    stored_D = (init_D / qs.embedding_scale).astype(params["thought"]["start"].dtype)
+    mixing = dict(params["mixing_head"])
+    mixing["out"] = jax.tree.map(jnp.zeros_like, mixing["out"])
+    return {**params, "thought": {"start": stored_D, "end": jnp.copy(stored_D)}, "mixing_head": mixing}
+
+
 def strip_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer) -> tuple:
     """The plain LM inside Quiet-STaR params, with a tokenizer without the thought tokens.
 
@@ -187,14 +199,18 @@ def prepare_method(cfg, model_config: ModelConfig, params: Params, tokenizer: To
 
     quiet_star: thought tokens and params are added, or kept when init_from already has
     them (a curriculum stage continues its predecessor's thoughts and mixing head, whose
-    shapes do not depend on n_ahead). lm / ntp: a plain LM, thought parts removed.
+    shapes do not depend on n_ahead), unless `curriculum.reinit_thoughts` starts them over.
+    lm / ntp: a plain LM, thought parts removed.
     """
     check_method(cfg.method)
     has_thoughts = "thought" in params
     if cfg.method == "quiet_star":
         if not has_thoughts:
             return (*add_thoughts(model_config, params, tokenizer, cfg), tokenizer)
-        return model_config, quiet_star_config(cfg, tokenizer), params, tokenizer
+        qs = quiet_star_config(cfg, tokenizer)
+        if cfg.curriculum.reinit_thoughts:
+            params = reinit_thoughts(params, tokenizer, qs)
+        return model_config, qs, params, tokenizer
     if has_thoughts:
         model_config, params, tokenizer = strip_thoughts(model_config, params, tokenizer)
     return model_config, None, params, tokenizer
@@ -224,7 +240,7 @@ def params_shape_fn(model_config: ModelConfig, qs: QuietStarConfig | None):
 
 
 def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
-    """The NTP stage's frozen thinking teacher, as `(tokens, valid, rng) -> NLL_T` (A x B x N)."""
+    """The NTP stage's frozen thinking teacher, as `(tokens, segments, rng) -> NLL_T` (A x B x N)."""
     path = cfg.ntp.teacher
     if not path or not checkpoint.is_training_dir(path):
         raise UserError(f"method=ntp needs ntp.teacher = a Quiet-STaR training directory, got {path!r}")
@@ -234,7 +250,7 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
     shardings = jax.tree.map(lambda x: x.sharding, params)
     nll = jax.jit(functools.partial(ntp.teacher_nll_batches, config, ntp.teacher_config(qs, ntp_config(cfg))),
                   in_shardings=(shardings, batch_sharding, batch_sharding, None), out_shardings=batch_sharding)
-    return lambda tokens, valid, rng: nll(params, tokens, valid, rng)
+    return lambda tokens, segments, rng: nll(params, tokens, segments, rng)
 
 
 def run_meta(model_config: ModelConfig, qs: QuietStarConfig | None) -> dict[str, Any]:
@@ -243,30 +259,42 @@ def run_meta(model_config: ModelConfig, qs: QuietStarConfig | None) -> dict[str,
 
 # ----------------------------------------------------------------------------------- data
 
+# A random init trains its tokenizer on at most this many leading training documents.
+TOKENIZER_DOCUMENTS = 50_000
+
 
 class Batches:
-    """Global batches as sharded arrays; each process builds only its own rows."""
+    """Global (tokens, segments) batches as sharded arrays, A x B x N; each process builds
+    (reads and tokenises) only the rows of its own devices, each once per step."""
 
-    def __init__(self, sampler: data.WindowSampler, accum: int, batch: int, mesh):
-        if batch % accum:
-            raise UserError(f"batch_size {batch} is not a multiple of grad_accum {accum}")
-        self.sampler, self.accum, self.micro = sampler, accum, batch // accum
+    def __init__(self, rows: data.Rows, accum: int, batch: int, mesh):
+        if batch <= 0 or accum <= 0 or batch % accum:
+            raise UserError(f"batch_size {batch} must be a positive multiple of grad_accum {accum}")
+        self.rows, self.accum, self.micro = rows, accum, batch // accum
         self.sharding = sharding.batch_sharding(mesh)
-        self.shape = (accum, self.micro, sampler.seq_len)
+        self.shape = (accum, self.micro, rows.seq_len)
         width = mesh.shape["data"] * mesh.shape["fsdp"]
         if self.micro % width:
             raise UserError(f"micro-batch of {self.micro} sequences does not split over data x fsdp = {width}")
 
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
-        def tokens(index):
-            acc, rows, _ = (range(*s.indices(n)) for s, n in zip(index, self.shape))
-            return np.stack([self.sampler.batch(step, [a * self.micro + r for r in rows])[0] for a in acc])
+        built: dict[int, data.Row] = {}  # devices that share rows (tensor axis) share the work
 
-        def valid(index):  # windows never run past the stream: every token is real
-            return np.ones(tuple(len(range(*s.indices(n))) for s, n in zip(index, self.shape)), bool)
+        def row(index: int) -> data.Row:
+            if index not in built:
+                built[index] = self.rows[index]
+            return built[index]
 
-        return (jax.make_array_from_callback(self.shape, self.sharding, tokens),
-                jax.make_array_from_callback(self.shape, self.sharding, valid))
+        def field(name):
+            def callback(index):
+                acc, rows, _ = (range(*s.indices(n)) for s, n in zip(index, self.shape))
+                first = step * self.accum * self.micro
+                return np.stack([np.stack([getattr(row(first + a * self.micro + r), name) for r in rows])
+                                 for a in acc])
+            return callback
+
+        return (jax.make_array_from_callback(self.shape, self.sharding, field("tokens_N")),
+                jax.make_array_from_callback(self.shape, self.sharding, field("segments_N")))
 
 
 # --------------------------------------------------------------------------------- train
@@ -278,7 +306,7 @@ def abstract_and_shardings(params_fn, optimizer, mesh):
 
 
 def compile_step(loss_fn, optimizer, state_shardings, batch_sharding, n_inputs: int = 2):
-    """The jitted train step over `n_inputs` per-token arrays (tokens, valid, ...)."""
+    """The jitted train step over `n_inputs` per-token arrays (tokens, segments, ...)."""
     step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer)
     return jax.jit(
         step,
@@ -300,7 +328,7 @@ def preflight(model_config, qs, optimizer, mesh, cfg) -> dict[str, float]:
     init = jax.jit(lambda p: init_train_state(p, optimizer, jax.random.key(0)), out_shardings=shardings)
     init_mem = init.lower(state_in.params).compile().memory_analysis()
     compiled = compile_step(loss_fn_for(model_config, qs), optimizer, shardings, batch_sharding).lower(
-        state_in, abstract_in(jnp.int32, batch_sharding), abstract_in(bool, batch_sharding)
+        state_in, abstract_in(jnp.int32, batch_sharding), abstract_in(jnp.int32, batch_sharding)
     ).compile()
     mem = compiled.memory_analysis()
     gb = lambda x: float(f"{x / 2**30:.4g}")
@@ -430,7 +458,8 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     documents = data.load_documents(cfg.data)
     train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_documents)
     if start_step is None:
-        model_config, params, tokenizer = load_base_model(cfg, train_docs, workdir, mesh)
+        model_config, params, tokenizer = load_base_model(
+            cfg, data.leading_documents(train_docs, TOKENIZER_DOCUMENTS), workdir, mesh)
         model_config, qs, params, tokenizer = prepare_method(cfg, model_config, params, tokenizer)
         meta = run_meta(model_config, qs)
         abstract_state, state_shardings = abstract_and_shardings(lambda p=params: p, optimizer, mesh)
@@ -446,31 +475,32 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
         qs = quiet_star_config(cfg, tokenizer)
         meta = run_meta(model_config, qs)
         abstract_state, state_shardings = abstract_and_shardings(params_shape_fn(model_config, qs), optimizer, mesh)
-        state = ckpt.restore(start_step, abstract_state, state_shardings, meta)
+        state = ckpt.restore(start_step, abstract_state, state_shardings, meta, len(train_docs))
         status(f"resumed from step {start_step} in {workdir} ({time.perf_counter() - clock:.1f} s)")
     clock = time.perf_counter()
-    sampler = data.WindowSampler(data.token_stream(train_docs, tokenizer), cfg.data.seq_len, cfg.seed)
-    batches = Batches(sampler, cfg.grad_accum, cfg.batch_size, mesh)
-    status(f"data: {len(train_docs)} documents, {len(sampler.tokens)} tokens in {time.perf_counter() - clock:.1f} s")
+    batches = Batches(data.Rows(train_docs, tokenizer, cfg.data.seq_len, cfg.seed, cfg.data.packing),
+                      cfg.grad_accum, cfg.batch_size, mesh)
+    status(f"data: {len(train_docs)} training documents ({'packed' if cfg.data.packing else 'one per row'}), "
+           f"{len(eval_docs)} held out (opened in {time.perf_counter() - clock:.1f} s)")
     teacher = load_teacher(cfg, mesh, batches.sharding) if cfg.method == "ntp" else None
 
     def inputs_at(source: Batches, step: int, rng_seed: int) -> tuple:
-        """(tokens, valid) of a step, plus the teacher's NLL of them for the NTP student."""
-        tokens, valid = source(step)
+        """(tokens, segments) of a step, plus the teacher's NLL of them for the NTP student."""
+        tokens, segments = source(step)
         if teacher is None:
-            return tokens, valid
-        return tokens, valid, teacher(tokens, valid, jax.random.fold_in(jax.random.key(rng_seed), step))
+            return tokens, segments
+        return tokens, segments, teacher(tokens, segments, jax.random.fold_in(jax.random.key(rng_seed), step))
 
     eval_batches = []
-    if eval_docs and cfg.eval_every > 0:
-        eval_sampler = data.WindowSampler(data.token_stream(eval_docs, tokenizer), cfg.data.seq_len, cfg.seed + 1)
-        eval_source = Batches(eval_sampler, 1, batches.micro, mesh)
+    if len(eval_docs) and cfg.eval_every > 0:
+        eval_rows = data.Rows(eval_docs, tokenizer, cfg.data.seq_len, cfg.seed + 1, cfg.data.packing)
+        eval_source = Batches(eval_rows, 1, batches.micro, mesh)
         eval_batches = [inputs_at(eval_source, i, cfg.seed + 4) for i in range(cfg.eval_batches)]
 
     task_sets = parse_eval_tasks(cfg.eval_tasks)
     loss_fn = loss_fn_for(model_config, qs, ntp_config(cfg) if cfg.method == "ntp" else None)
     clock = time.perf_counter()
-    input_dtypes = (jnp.int32, jnp.bool_) if teacher is None else (jnp.int32, jnp.bool_, jnp.float32)
+    input_dtypes = (jnp.int32, jnp.int32) if teacher is None else (jnp.int32, jnp.int32, jnp.float32)
     step_fn = compile_step(loss_fn, optimizer, state_shardings, batches.sharding, len(input_dtypes)).lower(
         state, *(jax.ShapeDtypeStruct(batches.shape, d, sharding=batches.sharding) for d in input_dtypes)).compile()
     status(f"compiled the train step in {time.perf_counter() - clock:.1f} s")
@@ -519,7 +549,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
             if eval_metrics:
                 log.write(step, eval_metrics)
         if want_save:
-            ckpt.save(step, state, meta, metric)
+            ckpt.save(step, state, meta, metric, len(train_docs))
             if preempted.requested:
                 ckpt.wait()
                 log.close()
@@ -534,11 +564,13 @@ class RunCheckpoints(checkpoint.TrainCheckpoints):
     """Training checkpoints that carry and check the run's model / method configs."""
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any],  # type: ignore[override]
-             metric: float | None = None) -> None:
-        super().save(step, state.to_dict(), {"next_step": step}, meta, metric)
+             metric: float | None = None, train_documents: int = 0) -> None:
+        # The data position: rows are a pure function of (seed, step, row) over this many
+        # training documents, so the next step is all a resume needs.
+        super().save(step, state.to_dict(), {"next_step": step, "train_documents": train_documents}, meta, metric)
 
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,  # type: ignore[override]
-                meta: dict[str, Any]) -> TrainState:
+                meta: dict[str, Any], train_documents: int = 0) -> TrainState:
         saved = self.restore_meta(step)
         if saved["model_config"] != meta["model_config"]:
             differing = sorted(k for k in meta["model_config"]
@@ -551,6 +583,10 @@ class RunCheckpoints(checkpoint.TrainCheckpoints):
         state, data_state = super().restore(step, target.to_dict())
         if data_state["next_step"] != step:
             raise UserError(f"checkpoint at step {step} has inconsistent data state {data_state}")
+        saved_documents = data_state.get("train_documents", train_documents)
+        if saved_documents != train_documents:
+            status(f"warning: the checkpoint was trained on {saved_documents} documents, the data now has "
+                   f"{train_documents}: rows from step {step} on differ from an uninterrupted run")
         return TrainState.from_dict(state)
 
 

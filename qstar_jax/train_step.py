@@ -92,12 +92,12 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation, rn
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
-# (params, tokens_BxN, valid_BxN, rng, *per-token inputs_BxN) -> (loss, metrics)
+# (params, tokens_BxN, segments_BxN, rng, *per-token inputs_BxN) -> (loss, metrics)
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def loss_fn_for(model_config: ModelConfig, qs: QuietStarConfig | None, ntp: NTPConfig | None = None) -> LossFn:
-    """(params, tokens, valid, rng, ...) -> (loss, metrics): Quiet-STaR; plain next-token NLL
+    """(params, tokens, segments, rng, ...) -> (loss, metrics): Quiet-STaR; plain next-token NLL
     when `qs` is None (base-model pretraining, control runs); with `ntp`, the Fast
     Quiet-STaR NTP student, whose extra input is the teacher's NLL per gold token."""
     if ntp is not None:
@@ -110,7 +110,7 @@ def loss_fn_for(model_config: ModelConfig, qs: QuietStarConfig | None, ntp: NTPC
 def train_step(
     state: TrainState,
     tokens_AxBxN: jax.Array,
-    valid_AxBxN: jax.Array,
+    segments_AxBxN: jax.Array,
     *inputs_AxBxN: jax.Array,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -125,19 +125,19 @@ def train_step(
 
     def micro(carry, xs):
         grads_sum, metrics_sum = carry
-        index, tokens_BxN, valid_BxN, inputs_BxN = xs
-        (_, metrics), grads = grad_fn(state.params, tokens_BxN, valid_BxN, jax.random.fold_in(step_rng, index),
+        index, tokens_BxN, segments_BxN, inputs_BxN = xs
+        (_, metrics), grads = grad_fn(state.params, tokens_BxN, segments_BxN, jax.random.fold_in(step_rng, index),
                                       *inputs_BxN)
         return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
     accum = tokens_AxBxN.shape[0]
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     zero_metrics = jax.eval_shape(
-        lambda: grad_fn(state.params, tokens_AxBxN[0], valid_AxBxN[0], step_rng, *(x[0] for x in inputs_AxBxN))[0][1]
+        lambda: grad_fn(state.params, tokens_AxBxN[0], segments_AxBxN[0], step_rng, *(x[0] for x in inputs_AxBxN))[0][1]
     )
     zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
     (grads, metrics), _ = jax.lax.scan(
-        micro, (zero_grads, zero_metrics), (jnp.arange(accum), tokens_AxBxN, valid_AxBxN, inputs_AxBxN)
+        micro, (zero_grads, zero_metrics), (jnp.arange(accum), tokens_AxBxN, segments_AxBxN, inputs_AxBxN)
     )
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = jax.tree.map(lambda m: m / accum, metrics)

@@ -109,6 +109,38 @@ def _params_at(stage_dir, step):
     return checkpoint.load_for_inference(str(stage_dir), step)[2]
 
 
+def test_reinit_thoughts_switch_restores_the_initial_thought_parts():
+    """curriculum.reinit_thoughts (Fast Quiet-STaR's public code): a stage starting from a
+    thinking checkpoint gets "---" start/end embeddings and a zero mixing-head output
+    layer again; off (the default) it keeps its predecessor's."""
+    from experiments import base
+    from qstar_jax.quiet_star import init_quiet_star_params
+
+    class Tokenizer:
+        def encode(self, text):
+            return {"---": [3]}[text]
+
+        def token_id(self, token):
+            return {START_THOUGHT: 48, END_THOUGHT: 49}[token]
+
+    config = ModelConfig("llama", 50, 32, 64, 2, 4, 2, 8)
+    cfg = base.get_config()
+    lm = init_params(config, jax.random.key(0))
+    trained = init_quiet_star_params(config, train.quiet_star_config(cfg, Tokenizer()), lm,
+                                     jnp.ones((32,)), jax.random.key(1))
+    trained["mixing_head"]["out"]["kernel"] = jnp.ones_like(trained["mixing_head"]["out"]["kernel"])
+    kept = train.prepare_method(cfg, config, trained, Tokenizer())[2]
+    assert kept is trained
+    cfg.curriculum.reinit_thoughts = True
+    _, qs, fresh, _ = train.prepare_method(cfg, config, trained, Tokenizer())
+    expected_D = np.asarray(lm["embed_tokens"]["embedding"][3]) / qs.embedding_scale
+    for name in ("start", "end"):
+        np.testing.assert_allclose(fresh["thought"][name], expected_D, rtol=1e-6)
+    assert float(jnp.abs(fresh["mixing_head"]["out"]["kernel"]).max()) == 0.0
+    np.testing.assert_array_equal(fresh["mixing_head"]["in"]["kernel"], trained["mixing_head"]["in"]["kernel"])
+    assert fresh["lm"] is trained["lm"]
+
+
 def test_each_stage_starts_from_the_checkpoint_with_the_best_metric(tmp_path, monkeypatch):
     """Real stage runs; only the metric is stubbed (lower is better): stage 1 must hand on
     step 1 (not its newest, 5), stage 2 its step 2 (not 3) with the thoughts it trained."""

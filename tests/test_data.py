@@ -1,4 +1,4 @@
-"""Data sources (default corpus, files, tfds) and deterministic windows."""
+"""Data sources (default corpus, files, OpenWebMath/C4 layouts, tfds) and deterministic rows."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def test_default_corpus_is_deterministic():
     assert data.default_corpus(20, seed=3) != data.default_corpus(20, seed=4)
 
 
+def _all(dataset) -> list[str]:
+    return [dataset[i] for i in range(len(dataset))]
+
+
 def test_file_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -31,9 +35,58 @@ def test_file_formats(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json one"}) + "\n\n" + json.dumps({"text": "json two"}) + "\n")
     pq.write_table(pa.table({"text": ["parquet row"]}), tmp_path / "c.parquet")
     (tmp_path / "ignored.csv").write_text("x")
-    docs = data.load_documents(config(path=str(tmp_path)))
+    docs = _all(data.load_documents(config(path=str(tmp_path))))
     assert docs == ["plain text document", "json one", "json two", "parquet row"]
-    assert data.load_documents(config(path=str(tmp_path), max_documents=2)) == docs[:2]
+    assert _all(data.load_documents(config(path=str(tmp_path), max_documents=2))) == docs[:2]
+
+
+def _open_web_math(directory, documents: list[str], shards: int = 2, rows_per_group: int = 7):
+    """OpenWebMath exactly as the HF hub ships it: data/train-0000i-of-0000n.parquet with
+    url/text/date/metadata columns, several row groups per shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (directory / "data").mkdir(parents=True)
+    per_shard = -(-len(documents) // shards)
+    for i in range(shards):
+        texts = documents[i * per_shard : (i + 1) * per_shard]
+        table = pa.table({"url": [f"https://example.org/{i}/{k}" for k in range(len(texts))], "text": texts,
+                          "date": ["2023-01-01"] * len(texts), "metadata": ["{}"] * len(texts)})
+        pq.write_table(table, directory / "data" / f"train-{i:05d}-of-{shards:05d}.parquet", row_group_size=rows_per_group)
+
+
+def test_parquet_is_read_one_row_group_at_a_time(tmp_path, monkeypatch):
+    documents = [f"Document {i} proves {i} + {i} = {2 * i}." for i in range(40)]
+    _open_web_math(tmp_path / "owm", documents)
+    reads = []
+    original = data.ParquetDocuments._read_group_uncached
+    monkeypatch.setattr(data.ParquetDocuments, "_read_group_uncached",
+                        lambda self, group: reads.append((self.path.name, group)) or original(self, group))
+    dataset = data.load_documents(config(path=str(tmp_path / "owm")))
+    assert len(dataset) == 40 and reads == []  # opening reads footers only
+    assert dataset[23] == documents[23]  # shard 1 (rows 20-39), its row group 0 (rows 20-26)
+    assert reads == [("train-00001-of-00002.parquet", 0)]
+    assert _all(dataset) == documents
+
+
+def test_c4_json_gz_becomes_parquet(tmp_path):
+    """C4 as the HF hub ships it (en/c4-train.0000i-of-01024.json.gz: text, timestamp, url)
+    -> `python -m qstar_jax.data --to-parquet` -> the files source reads the same texts."""
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c4-json" / "en").mkdir(parents=True)
+    texts = [f"Web page {i}: shop {i} opens at {i % 12} am." for i in range(30)]
+    for shard in range(2):
+        with gzip.open(tmp_path / "c4-json" / "en" / f"c4-train.{shard:05d}-of-01024.json.gz", "wt") as f:
+            for text in texts[shard * 15 : (shard + 1) * 15]:
+                f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://x.org"}) + "\n")
+    data.main(["--to-parquet", str(tmp_path / "c4-json" / "en"), "--output", str(tmp_path / "c4")])
+    written = sorted(p.name for p in (tmp_path / "c4").iterdir())
+    assert written == ["c4-train.00000-of-01024.parquet", "c4-train.00001-of-01024.parquet"]
+    assert pq.ParquetFile(tmp_path / "c4" / written[0]).metadata.num_rows == 15
+    assert _all(data.load_documents(config(path=str(tmp_path / "c4")))) == texts
 
 
 def test_bad_data_is_one_clear_error(tmp_path):
@@ -42,33 +95,97 @@ def test_bad_data_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no .txt/.jsonl/.parquet files"):
         data.load_documents(config(path=str(tmp_path)))
     (tmp_path / "x.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
-    with pytest.raises(UserError, match="x.jsonl:1 has no 'text' field"):
+    with pytest.raises(UserError, match="x.jsonl:1 has no 'text' text field"):
         data.load_documents(config(path=str(tmp_path)))
     (tmp_path / "x.jsonl").write_text("")
     with pytest.raises(UserError, match="the files dataset is empty"):
         data.load_documents(config(path=str(tmp_path)))
+    (tmp_path / "x.jsonl").unlink()
+    (tmp_path / "y.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(UserError, match="y.parquet is not a readable parquet file"):
+        data.load_documents(config(path=str(tmp_path)))
+    with pytest.raises(UserError, match="--to-parquet needs --output"):
+        data.main.__wrapped__(["--to-parquet", str(tmp_path)])
 
 
 def test_tfds_source(tmp_path):
     from tfds_local import TinyText, prepare
 
     prepare(TinyText, str(tmp_path))
-    docs = data.load_documents(config(source="tfds", tfds_name="tiny_text", path=str(tmp_path)))
+    docs = _all(data.load_documents(config(source="tfds", tfds_name="tiny_text", path=str(tmp_path))))
     assert sorted(docs) == sorted(f"Document {i}: {i} plus {i} is {2 * i}." for i in range(12))
     with pytest.raises(UserError, match="not available"):
         data.load_documents(config(source="tfds", tfds_name="tiny_text", path=str(tmp_path / "none")))
 
 
-def test_windows_are_a_pure_function_of_step_and_row():
-    sampler = data.WindowSampler(np.arange(1000, dtype=np.int32), seq_len=16, seed=0)
-    a, valid = sampler.batch(5, [0, 1, 2])
-    assert a.shape == (3, 16) and valid.all()
-    np.testing.assert_array_equal(a, sampler.batch(5, [0, 1, 2])[0])
-    np.testing.assert_array_equal(a[1:], sampler.batch(5, [1, 2])[0])  # rows are independent
-    assert not np.array_equal(a, sampler.batch(6, [0, 1, 2])[0])
-    assert all(np.array_equal(row, np.arange(row[0], row[0] + 16)) for row in a)  # contiguous crops
-    with pytest.raises(UserError, match="fewer than one window"):
-        data.WindowSampler(np.arange(10, dtype=np.int32), seq_len=16, seed=0)
+class CharTokenizer:
+    """One id per character (+BOS 1, EOS 2): rows can be checked against the texts by eye."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def _rows(documents, packing, seq_len=16, seed=0):
+    import grain
+
+    return data.Rows(grain.MapDataset.source(documents), CharTokenizer(), seq_len, seed, packing)
+
+
+def _encoded(text):
+    return [1] + [ord(c) for c in text] + [2]
+
+
+def test_one_document_per_row_cropped_or_padded():
+    documents = ["short", "a much longer document than one row holds", "mid-size one"]
+    rows = _rows(documents, packing=False)
+    seen = set()
+    for index in range(3):  # one epoch: every document once
+        row = rows[index]
+        real = row.tokens_N[row.segments_N > 0].tolist()
+        source = next(d for d in documents if any(_encoded(d)[k : k + len(real)] == real for k in range(len(_encoded(d)))))
+        seen.add(source)
+        if len(_encoded(source)) <= 16:  # whole document, then EOS padding in segment 0
+            assert real == _encoded(source)
+            assert (row.tokens_N[len(real):] == 2).all() and (row.segments_N[len(real):] == 0).all()
+        else:  # a contiguous crop filling the row
+            assert len(real) == 16 and (row.segments_N == 1).all()
+    assert seen == set(documents)
+    np.testing.assert_array_equal(rows[1].tokens_N, _rows(documents, packing=False)[1].tokens_N)  # pure function
+    assert not all(np.array_equal(rows[i].tokens_N, _rows(documents, False, seed=1)[i].tokens_N) for i in range(3))
+
+
+def test_packed_rows_are_full_and_keep_documents_apart():
+    documents = [f"doc{i}" for i in range(10)]  # 6 tokens each with BOS/EOS
+    rows = _rows(documents, packing=True, seq_len=20)
+    for index in range(12):
+        row = rows[index]
+        assert (row.segments_N > 0).all()  # no padding
+        ids = np.unique(row.segments_N)
+        np.testing.assert_array_equal(ids, np.arange(1, len(ids) + 1))  # 1, 2, ... in order
+        np.testing.assert_array_equal(np.sort(row.segments_N), row.segments_N)
+        for segment in ids[1:]:  # every document after the first starts at its BOS
+            piece = row.tokens_N[row.segments_N == segment].tolist()
+            assert piece[0] == 1 and any(_encoded(d)[: len(piece)] == piece for d in documents)
+
+
+def test_rows_read_only_their_own_documents():
+    """A process builds only its rows: row i reads documents i, i+1, ... of the shuffled
+    order and nothing else, so no process tokenises the corpus."""
+    asked = []
+
+    class Recording(list):
+        def __getitem__(self, index):
+            asked.append(index)
+            return super().__getitem__(index)
+
+    import grain
+
+    rows = data.Rows(grain.MapDataset.source(Recording(f"text {i}" for i in range(1000))), CharTokenizer(), 8, 0,
+                     packing=False)
+    rows[123]
+    assert len(asked) == 1
 
 
 def test_held_out_problems_are_gsm8k_records(tmp_path):

@@ -1,7 +1,8 @@
 """Pod rehearsal: the paper run's whole path at tiny shapes, on 2 processes x 4 CPU devices,
 with every file on gs:// served by a real GCS API (fake-gcs-server) that the test starts.
 
-HF Mistral (bf16 safetensors shards) -> convert straight to the bucket -> train with
+HF Mistral (bf16 safetensors shards) -> convert straight to the bucket, the corpus rewritten
+as parquet in the bucket -> train with
 init_from on a (fsdp=8) mesh joined by jax.distributed -> SIGTERM one process: both save
 the same step -> the init_from model is deleted -> resume -> evaluate and generate from
 the bucket. Nothing may land in a local `gs:` directory.
@@ -15,9 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gcs_emulator import delete_prefix, object_names, running_emulator
 from hf_models import make_tiny_hf_model
@@ -88,22 +86,23 @@ class Pod:
 
 
 def test_pod_rehearsal_on_a_bucket(tmp_path):
-    hf_dir, data_dir, cwd, logs = tmp_path / "hf", tmp_path / "open-web-math", tmp_path / "cwd", tmp_path / "logs"
+    hf_dir, corpus, cwd, logs = tmp_path / "hf", tmp_path / "corpus.jsonl", tmp_path / "cwd", tmp_path / "logs"
     cwd.mkdir()
     logs.mkdir()
     train_bpe_json(str(hf_dir))
     make_tiny_hf_model("mistral_window", str(hf_dir), saved_dtype="bfloat16", max_shard_size="60KB",
                        vocab_size=load_tokenizer(str(hf_dir)).vocab_size, sliding_window=16)
     assert os.path.isfile(hf_dir / "model.safetensors.index.json")
-    data_dir.mkdir()  # OpenWebMath's own layout: parquet shards with a "text" column
-    pq.write_table(pa.table({"text": default_corpus(200, seed=5)}), data_dir / "train-00000-of-00001.parquet")
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in default_corpus(200, seed=5)))
+    data_dir = f"gs://{BUCKET}/open-web-math"  # parquet in the bucket, read by both processes
     problems = tmp_path / "gsm8k.jsonl"
     problems.write_text("".join(json.dumps(p) + "\n" for p in arithmetic_problems(2, seed=9)))
 
     with running_emulator(BUCKET, str(tmp_path)) as env:
         _cli("qstar_jax.convert", ["--hf-checkpoint", str(hf_dir), "--output", f"gs://{BUCKET}/{MODEL}"], env, cwd,
              devices=1)
-        with Pod(env, cwd, logs, str(data_dir), steps=400) as pod:
+        _cli("qstar_jax.data", ["--to-parquet", str(corpus), "--output", data_dir], env, cwd, devices=1)
+        with Pod(env, cwd, logs, data_dir, steps=400) as pod:
             deadline = time.time() + 300
             while not any(n.startswith(f"{RUN}/checkpoints/2/") for n in object_names(env, BUCKET, RUN + "/checkpoints")):
                 assert pod.alive(), pod.stderr(0) + pod.stderr(1)
@@ -117,7 +116,7 @@ def test_pod_rehearsal_on_a_bucket(tmp_path):
         assert 2 <= step < 400
 
         delete_prefix(env, BUCKET, MODEL)  # a resumed run must not need init_from
-        with Pod(env, cwd, logs, str(data_dir), steps=step + 2) as pod:
+        with Pod(env, cwd, logs, data_dir, steps=step + 2) as pod:
             resumed = pod.finish()
         assert f"resumed from step {step}" in resumed[0]
         assert f"step {step + 2}/{step + 2}" in resumed[0]
