@@ -99,7 +99,7 @@ class ParquetDocuments:
     """The text column of one parquet file, read one row group at a time.
 
     Only the footer is read up front (row counts); a document's row group is read when
-    the document is asked for, and the last few stay cached. HF's parquet shards hold
+    the document is asked for, and the last few stay cached (as Python strings). HF's parquet shards hold
     row groups of ~1,000 documents, so this is a few MB per read, local or on a bucket.
     """
 
@@ -108,14 +108,14 @@ class ParquetDocuments:
 
         self.path, self.text_field = path, text_field
         try:
-            self._file = pq.ParquetFile(path.open("rb"))
+            with path.open("rb") as f:
+                parquet_file = pq.ParquetFile(f)
+                self._metadata, names = parquet_file.metadata, parquet_file.schema_arrow.names
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
             raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]})") from None
-        names = self._file.schema_arrow.names
         if text_field not in names:
             raise UserError(f"{path} has no {text_field!r} column (columns: {', '.join(names)})")
-        metadata = self._file.metadata
-        counts = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        counts = [self._metadata.row_group(i).num_rows for i in range(self._metadata.num_row_groups)]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._read_group = functools.lru_cache(maxsize=4)(self._read_group_uncached)
 
@@ -123,7 +123,13 @@ class ParquetDocuments:
         return int(self._starts[-1])
 
     def _read_group_uncached(self, group: int) -> list:
-        return self._file.read_row_group(group, columns=[self.text_field]).column(0).to_pylist()
+        # The file is open only while a row group is read: a process with hundreds of
+        # shards on a bucket keeps no file handles (or their read-ahead buffers) alive.
+        import pyarrow.parquet as pq
+
+        with self.path.open("rb") as f:
+            table = pq.ParquetFile(f, metadata=self._metadata).read_row_group(group, columns=[self.text_field])
+        return table.column(0).to_pylist()
 
     def __getitem__(self, index: int) -> str:
         group = int(np.searchsorted(self._starts, index, side="right")) - 1
