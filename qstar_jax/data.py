@@ -194,7 +194,7 @@ def file_documents(path: str, text_field: str = "text") -> Documents:
     else:
         raise UserError(f"data path does not exist: {path}")
     parts: list[Documents] = []
-    texts = [f for f in files if f.name.endswith(".txt")]
+    texts = [f for f in files if f.name.endswith(".txt") and f.stat().length > 0]  # an empty file is no document
     if texts:
         parts.append(TextFileDocuments(texts))
     for file in files:

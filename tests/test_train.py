@@ -65,7 +65,7 @@ def test_tiny_run_leaves_checkpoints_logs_and_model_files(tmp_path):
     assert any("eval/loss" in m for m in metrics(tmp_path))
     assert os.path.isfile(tmp_path / "model_config.json") and os.path.isdir(tmp_path / "tokenizer")
     assert "step 6/6" in result.stdout
-    for line in ("loaded model from a random init", "data: 280 documents", "compiled the train step",
+    for line in ("loaded model from a random init", "data: 280 training documents", "compiled the train step",
                  "model FLOPs per step"):
         assert line in result.stdout, line
     logged = [m for m in metrics(tmp_path) if "loss" in m]
