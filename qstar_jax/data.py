@@ -151,18 +151,13 @@ class TextFileDocuments:
 
 def jsonl_documents(path: paths.Path, text_field: str) -> list[str]:
     """Every text of a JSON-lines file (read whole: for corpora that fit in memory)."""
-    documents = []
-    for line_number, line in enumerate(paths.read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UserError(f"{path}:{line_number} has no {text_field!r} text field")
-        documents.append(record[text_field])
-    return documents
+    return [record_text(record, text_field, path, line_number) for line_number, record in json_lines(path)]
+
+
+def record_text(record, text_field: str, path: paths.Path, line_number: int) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise UserError(f"{path}:{line_number} has no {text_field!r} text field")
+    return record[text_field]
 
 
 class ConcatDocuments:
@@ -331,15 +326,19 @@ class Rows:
 # ---------------------------------------------------------------------- C4 -> parquet
 
 
-def json_lines(path: paths.Path) -> Iterator[dict]:
-    """Records of a `.jsonl` or `.json.gz` file (C4's layout on the HF hub), streamed."""
+def json_lines(path: paths.Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of a `.jsonl` or `.json.gz` file (C4's layout on the HF hub),
+    streamed; blank lines skipped."""
     with path.open("rb") as raw:
-        stream = gzip.open(raw, "rt", encoding="utf-8") if path.name.endswith(".gz") else (
-            line.decode("utf-8") for line in raw)
-        for line_number, line in enumerate(stream, 1):
-            if line.strip():
+        lines = gzip.open(raw) if path.name.endswith(".gz") else raw
+        for line_number, line in enumerate(lines, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{line_number} is not UTF-8 text") from None
+            if text.strip():
                 try:
-                    yield json.loads(line)
+                    yield line_number, json.loads(text)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
 
@@ -364,10 +363,8 @@ def to_parquet(source: str, output: str, text_field: str = "text", rows_per_grou
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as sink, pq.ParquetWriter(sink, schema) as writer:
             batch: list[str] = []
-            for line_number, record in enumerate(json_lines(file), 1):
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise UserError(f"{file}:{line_number} has no {text_field!r} text field")
-                batch.append(record[text_field])
+            for line_number, record in json_lines(file):
+                batch.append(record_text(record, text_field, file, line_number))
                 if len(batch) == rows_per_group:
                     writer.write_table(pa.table({text_field: batch}, schema=schema))
                     total, batch = total + len(batch), []

@@ -97,6 +97,9 @@ def test_bad_data_is_one_clear_error(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
     with pytest.raises(UserError, match="x.jsonl:1 has no 'text' text field"):
         data.load_documents(config(path=str(tmp_path)))
+    (tmp_path / "x.jsonl").write_bytes(b'{"text": "ok"}\n\xff\xfe\n')
+    with pytest.raises(UserError, match="x.jsonl:2 is not UTF-8 text"):
+        data.load_documents(config(path=str(tmp_path)))
     (tmp_path / "x.jsonl").write_text("")
     with pytest.raises(UserError, match="the files dataset is empty"):
         data.load_documents(config(path=str(tmp_path)))
