@@ -318,10 +318,6 @@ class Rows:
             ids = self.encoded[following]
         return Row(tokens_N, segments_N)
 
-    def batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        rows = [self[i] for i in indices]
-        return np.stack([r.tokens_N for r in rows]), np.stack([r.segments_N for r in rows])
-
 
 # ---------------------------------------------------------------------- C4 -> parquet
 
