@@ -347,6 +347,8 @@ def to_parquet(source: str, output: str, text_field: str = "text", rows_per_grou
     import pyarrow.parquet as pq
 
     root = paths.path(source)
+    if not root.exists():
+        raise UserError(f"--to-parquet source does not exist: {source}")
     files = [root] if root.is_file() else [f for f in paths.files_under(root)
                                             if f.name.endswith((".json.gz", ".jsonl"))]
     if not files:

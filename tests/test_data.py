@@ -107,6 +107,8 @@ def test_bad_data_is_one_clear_error(tmp_path):
     (tmp_path / "y.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(UserError, match="y.parquet is not a readable parquet file"):
         data.load_documents(config(path=str(tmp_path)))
+    with pytest.raises(UserError, match="--to-parquet source does not exist"):
+        data.to_parquet(str(tmp_path / "nope"), str(tmp_path / "out"))
     with pytest.raises(UserError, match="--to-parquet needs --output"):
         data.main.__wrapped__(["--to-parquet", str(tmp_path)])
 
