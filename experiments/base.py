@@ -101,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed = ml_collections.ConfigDict(
         dict(mode="auto", coordinator_address="", num_processes=1, process_id=0)  # auto | on | off
     )
+    # Compiled programs persist here (local or gs://) and a re-launch, a resume after
+    # preemption or a run of the same shapes skips XLA compilation. "" = JAX's own setting
+    # (the JAX_COMPILATION_CACHE_DIR environment variable; no cache when unset).
+    config.compilation_cache_dir = ""
     config.preflight_vocab_size = 32002  # vocab for --preflight (no tokenizer is loaded then)
     config.wandb_project = ""  # log to Weights & Biases too, if installed
     return config

@@ -414,6 +414,9 @@ class Preemption:
 def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False) -> None:
     """One training run, or with `curriculum.stages` the whole chain of them."""
     init_distributed(cfg.distributed)
+    if cfg.compilation_cache_dir:
+        # JAX keys entries by program, compiler options and versions, so a stale hit cannot happen.
+        jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
     if preflight_only:
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         optimizer = make_optimizer(dataclass_from(OptimizerConfig, cfg.optimizer))

@@ -1,5 +1,23 @@
 import os
 import sys
+import tempfile
 
 # Tests import helpers (hf_models.py, ...) that live next to them.
 sys.path.insert(0, os.path.dirname(__file__))
+
+# One JAX compilation cache for the whole session, inherited by every subprocess: the many
+# CLI runs of the same tiny shapes (train, resume, two processes, curriculum stages, seeds)
+# compile each program once. Entries are keyed by program, options and versions, so a hit
+# is the same executable; set before any test module imports JAX. An explicit
+# JAX_COMPILATION_CACHE_DIR (a warm cache between local runs) is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qstar_jax_test_jax_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if os.path.basename(cache).startswith("qstar_jax_test_jax_cache_"):
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)

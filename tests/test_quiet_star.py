@@ -144,7 +144,7 @@ def test_thought_embedding_gradient_is_scaled():
         qs = QS.replace(embedding_scale=scale, policy_loss_weight=1.0)
         params = make_params(config, qs)
         loss = lambda p: quiet_star_loss(config, qs, p, tokens, valid, jax.random.key(5))[0]
-        grads[scale] = jax.grad(loss)(params)["thought"]
+        grads[scale] = jax.jit(jax.grad(loss))(params)["thought"]  # one compile, not one per op
     assert float(jnp.abs(grads[1.0]["start"]).max()) > 0
     for name in ("start", "end"):
         np.testing.assert_allclose(grads[100.0][name], 100.0 * grads[1.0][name], rtol=1e-4, atol=1e-6)
@@ -225,7 +225,8 @@ def test_layer_remat_and_unroll_do_not_change_gradients():
     # Unit policy weight: the official 1e6 amplifies float32 reassociation noise (which
     # differs between CPUs) past any fixed tolerance; remat/unroll change nothing else.
     qs = QS.replace(policy_loss_weight=1.0)
-    grad = lambda c: jax.grad(lambda p: quiet_star_loss(c, qs, p, tokens, valid, jax.random.key(5))[0])(params)
+    grad = lambda c: jax.jit(jax.grad(lambda p: quiet_star_loss(c, qs, p, tokens, valid, jax.random.key(5))[0]))(
+        params)
     plain = grad(config)
     for variant in (config.replace(remat=True), config.replace(scan_unroll=2)):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad(variant), plain)

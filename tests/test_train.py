@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,9 +57,18 @@ def assert_ok(result):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_tiny_run_leaves_checkpoints_logs_and_model_files(tmp_path):
-    result = run_train(tmp_path)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One SMALL run of 6 steps on 1 device, shared by the tests that only read it (its own
+    compilation cache, so the test below sees what a run writes there)."""
+    workdir, cache = tmp_path_factory.mktemp("tiny_run"), tmp_path_factory.mktemp("tiny_run_jax_cache")
+    return workdir, cache, run_train(workdir, f"--config.compilation_cache_dir={cache}")
+
+
+def test_tiny_run_leaves_checkpoints_logs_and_model_files(tiny_run):
+    tmp_path, cache, result = tiny_run
     assert_ok(result)
+    assert any("train_step" in name for name in os.listdir(cache)), os.listdir(cache)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     assert os.listdir(tmp_path / "tensorboard")
     assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
@@ -75,13 +85,14 @@ def test_tiny_run_leaves_checkpoints_logs_and_model_files(tmp_path):
         assert 0 < m["mfu"] < 1
 
 
-def test_sharded_run_matches_single_device(tmp_path):
-    """3 steps on 1 CPU device vs 8 forced devices as data=2 x fsdp=4: same losses (<= 1e-5 rel)."""
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    assert_ok(run_train(one, "--config.steps=3"))
-    assert_ok(run_train(eight, "--config.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8))
-    a, b = train_losses(one), train_losses(eight)
-    assert sorted(a) == [1, 2, 3]
+def test_sharded_run_matches_single_device(tmp_path, tiny_run):
+    """The first 3 steps on 1 CPU device vs 8 forced devices as data=2 x fsdp=4: same losses
+    (<= 1e-5 rel). The schedule is the same (total_steps 6), so stopping at 3 changes nothing."""
+    one, _, result = tiny_run
+    assert_ok(result)
+    assert_ok(run_train(tmp_path, "--config.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8))
+    a, b = {s: loss for s, loss in train_losses(one).items() if s <= 3}, train_losses(tmp_path)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
@@ -204,8 +215,9 @@ def test_missing_data_directory_and_empty_dataset(tmp_path):
                     "dataset is empty")
 
 
-def test_checkpoint_of_another_architecture(tmp_path):
-    assert_ok(run_train(tmp_path, "--config.steps=3"))
+def test_checkpoint_of_another_architecture(tmp_path, tiny_run):
+    assert_ok(tiny_run[2])
+    shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     _one_line_error(run_train(tmp_path, "--config.model.intermediate_size=128"),
                     "is for another model", "intermediate_size")
