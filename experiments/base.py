@@ -82,8 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
             # kept inside each (segment ids). See qstar_jax/data.py.
             packing=False,
             eval_documents=100,  # held out from the end of the document list
-            # source="toy_reasoning": problems, their seed, the share written out with working
-            toy=dict(problems=20000, seed=0, explicit_fraction=0.5, num_ops=5),
+            # source="toy_reasoning": problems, their seed, the share written out with working;
+            # of those, the share whose "---" opens an unrelated aside instead, and of the
+            # rest the share whose working follows "---" rather than "::" (toy_reasoning.py)
+            toy=dict(problems=20000, seed=0, explicit_fraction=0.5, num_ops=5, aside_fraction=0.0,
+                     delimiter_fraction=1.0),
         )
     )
     config.batch_size = 8  # sequences per optimizer step (global, all hosts)

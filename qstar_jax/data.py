@@ -233,7 +233,8 @@ def load_documents(data_config) -> grain.MapDataset:
         documents = file_documents(data_config.path, data_config.text_field)
     elif source == "toy_reasoning":
         toy = data_config.toy
-        documents = toy_reasoning.documents(toy.problems, toy.seed, toy.explicit_fraction, toy.num_ops)
+        documents = toy_reasoning.documents(toy.problems, toy.seed, toy.explicit_fraction, toy.num_ops,
+                                            toy.aside_fraction, toy.delimiter_fraction)
     elif source == "tfds":
         documents = TfdsDocuments(data_config.tfds_name, data_config.split, data_config.path or None,
                                   data_config.text_field)

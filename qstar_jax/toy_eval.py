@@ -88,15 +88,27 @@ def sample_thoughts(config, qs, params, tokenizer, items: list[Problem], seed: i
     ]
 
 
-def explicit_accuracy(config, qs, params, tokenizer, items: list[Problem]) -> dict:
-    """Accuracy when the model writes the working out itself (greedy, no thinking)."""
+def thought_accuracy(config, qs, params, tokenizer, items: list[Problem], seed: int = 0) -> dict:
+    """How often the thought sampled after "=" (at the thought temperature, as in training)
+    is the problem's working: the whole working when the thought has room for it, else
+    its first steps. This is what the policy gradient should improve."""
+    tokens, valid = left_pad([_prompt_ids(tokenizer, p.question) for p in items], tokenizer.pad_id)
+    _, thoughts_Bx1xS = generate(config, qs, params, tokens, valid, jax.random.key(seed), 1, 0.0, True)
+    room = thoughts_Bx1xS.shape[-1]
+    exact = [tokenizer.decode(np.asarray(thought[0]).tolist()).split() == p.working.split()[:room]
+             for p, thought in zip(items, thoughts_Bx1xS)]
+    return {"thought_exact": float(np.mean(exact)), "thought_tokens": int(room)}
+
+
+def explicit_accuracy(config, qs, params, tokenizer, items: list[Problem], marker: str = DELIMITER) -> dict:
+    """Accuracy when the model writes the working out itself after `marker` (greedy, no thinking)."""
     steps = len(items[0].working.split())
     if not steps or any(len(p.working.split()) != steps for p in items):
         raise UserError("--explicit needs every problem's working, all of the same length (as toy_reasoning writes)")
-    tokens, valid = left_pad([_prompt_ids(tokenizer, f"{p.question} {DELIMITER}") for p in items], tokenizer.pad_id)
+    tokens, valid = left_pad([_prompt_ids(tokenizer, f"{p.question} {marker}") for p in items], tokenizer.pad_id)
     out_BxM, _ = generate(config, qs, params, tokens, valid, jax.random.key(0), steps + 2, 0.0, False)
     texts = [tokenizer.decode(np.asarray(row).tolist()).split() for row in out_BxM]
-    answers = [words[steps + 1] if len(words) > steps + 1 and words[steps] == DELIMITER else None for words in texts]
+    answers = [words[steps + 1] if len(words) > steps + 1 and words[steps] == marker else None for words in texts]
     workings = [" ".join(words[:steps]) for words in texts]
     return {
         "problems": len(items),

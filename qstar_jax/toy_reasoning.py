@@ -11,6 +11,18 @@ and a document renders it in one of two ways:
     explicit   7 + 5 * 3 + 9 * 7 + 4 = --- 2 6 5 5 9 --- 9
     implicit   7 + 5 * 3 + 9 * 7 + 4 = 9
 
+The "aside" variant makes "---" an unreliable opener: a share of the explicit documents
+(`aside_fraction`) open it on an unrelated aside (random digits, as long as the working),
+and of the others only `delimiter_fraction` write the working after "---", the rest
+after another marker:
+
+    aside      7 + 5 * 3 + 9 * 7 + 4 = --- 8 0 3 3 1 --- 9
+    marker     7 + 5 * 3 + 9 * 7 + 4 = :: 2 6 5 5 9 :: 9
+
+A model pretrained on that can write the working (it has seen plenty, after "::") but
+follows "---" with it only some of the time, so a thought, which starts from the
+embedding of "---", starts out wrong most of the time: the thoughts must be *learned*.
+
 Each working step is one small table lookup (an operation on the previous running value
 and the next operand), easy for a small transformer to learn; the answer of an implicit
 document needs all of them at once, in one forward pass. Multiplication uses only 3, 7
@@ -37,6 +49,7 @@ from qstar_jax import paths
 from qstar_jax.errors import UserError, exit_on_user_error
 
 DELIMITER = "---"
+OTHER_MARKER = "::"  # opens the working in the "aside" variant's other explicit documents
 MULTIPLIERS = (3, 7, 9)  # units modulo 10: multiplying by them is a bijection
 
 
@@ -45,11 +58,15 @@ class Problem(NamedTuple):
     working: str  # "2 6 5 5 9"
     answer: str  # "9"
 
-    def explicit(self) -> str:
-        return f"{self.question} {DELIMITER} {self.working} {DELIMITER} {self.answer}"
+    def explicit(self, marker: str = DELIMITER) -> str:
+        return f"{self.question} {marker} {self.working} {marker} {self.answer}"
 
     def implicit(self) -> str:
         return f"{self.question} {self.answer}"
+
+    def aside(self, rng: random.Random) -> str:
+        digits = " ".join(str(rng.randrange(10)) for _ in self.working.split())
+        return f"{self.question} {DELIMITER} {digits} {DELIMITER} {self.answer}"
 
 
 def make_problem(rng: random.Random, num_ops: int) -> Problem:
@@ -76,12 +93,28 @@ def problems(count: int, seed: int, num_ops: int = 5) -> list[Problem]:
     return [make_problem(rng, num_ops) for _ in range(count)]
 
 
-def documents(count: int, seed: int, explicit_fraction: float, num_ops: int = 5) -> list[str]:
-    """Training text: each problem rendered explicit with probability `explicit_fraction`."""
-    if not 0.0 <= explicit_fraction <= 1.0:
-        raise UserError(f"explicit_fraction must be in [0, 1], got {explicit_fraction}")
+def documents(count: int, seed: int, explicit_fraction: float, num_ops: int = 5,
+              aside_fraction: float = 0.0, delimiter_fraction: float = 1.0) -> list[str]:
+    """Training text: each problem rendered explicit with probability `explicit_fraction`.
+    An explicit one is an aside after "---" with probability `aside_fraction`; otherwise
+    its working follows "---" with probability `delimiter_fraction`, else "::"."""
+    for name, value in (("explicit_fraction", explicit_fraction), ("aside_fraction", aside_fraction),
+                        ("delimiter_fraction", delimiter_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{name} must be in [0, 1], got {value}")
     rng = random.Random(seed + 1_000_003)  # the rendering choice, independent of the problems
-    return [p.explicit() if rng.random() < explicit_fraction else p.implicit() for p in problems(count, seed, num_ops)]
+    variant_rng = random.Random(seed + 2_000_003)  # its own stream: the defaults leave the corpus as it was
+    out = []
+    for p in problems(count, seed, num_ops):
+        if rng.random() >= explicit_fraction:
+            out.append(p.implicit())
+        elif aside_fraction and variant_rng.random() < aside_fraction:
+            out.append(p.aside(variant_rng))
+        elif delimiter_fraction < 1.0 and variant_rng.random() >= delimiter_fraction:
+            out.append(p.explicit(OTHER_MARKER))
+        else:
+            out.append(p.explicit())
+    return out
 
 
 def write_problems(path: str, items: list[Problem]) -> None:
