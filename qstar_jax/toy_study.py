@@ -59,18 +59,21 @@ class Variant(NamedTuple):
     plot: str
     n_ahead: str
     working_marker: str  # what the reference row prompts with: the marker that opens the working
+    policy_loss_weight: float  # of the Quiet-STaR arms (the policy-off arm has 0)
 
 
 VARIANTS = {
     # "---" always opens the working: thoughts are right from the start (docs/toy_experiment.md).
     "written": Variant((), "<!-- toy-study-table:start -->", "<!-- toy-study-table:end -->",
-                       "docs/toy_study.png", "4,6,8", toy_reasoning.DELIMITER),
+                       "docs/toy_study.png", "4,6,8", toy_reasoning.DELIMITER, 1.0),
     # 80% of the documents are explicit: 30% of those open "---" on an unrelated aside, 17.5%
-    # on the working, 52.5% write the working after "::" (docs/toy_experiment.md).
+    # on the working, 52.5% write the working after "::" (docs/toy_experiment.md). Policy
+    # weight 1000 (development problems): at 1 the reward, scaled by a mixing weight near 0,
+    # is too weak against the NLL terms and the few right thoughts are lost.
     "aside": Variant(("--config.data.toy.explicit_fraction=0.8", "--config.data.toy.aside_fraction=0.3",
                       "--config.data.toy.delimiter_fraction=0.25"),
                      "<!-- toy-study-aside-table:start -->", "<!-- toy-study-aside-table:end -->",
-                     "docs/toy_study_aside.png", "8", toy_reasoning.OTHER_MARKER),
+                     "docs/toy_study_aside.png", "8", toy_reasoning.OTHER_MARKER, 1000.0),
 }
 TABLE_START, TABLE_END = VARIANTS["written"].table_start, VARIANTS["written"].table_end
 SMOKE_BASE = ["--config.steps=6", "--config.data.toy.problems=300", "--config.batch_size=8",
@@ -106,7 +109,7 @@ def export_base(run_dir: str, model_dir: str) -> None:
     checkpoint.save_model(model_dir, config, params, tokenizer)
 
 
-def arm_runs(seeds: list[int], n_aheads: list[int]) -> list[dict]:
+def arm_runs(seeds: list[int], n_aheads: list[int], policy_loss_weight: float = 1.0) -> list[dict]:
     """Per seed: the control, Quiet-STaR at each thought length, and Quiet-STaR with the
     policy loss off at the longest."""
     longest = max(n_aheads)
@@ -116,7 +119,8 @@ def arm_runs(seeds: list[int], n_aheads: list[int]) -> list[dict]:
                      "overrides": ["--config.method=lm", f"--config.seed={seed}"]})
         for n_ahead in n_aheads:
             runs.append({"arm": f"quiet_star_{n_ahead}", "seed": seed, "name": f"qs{n_ahead}_seed{seed}",
-                         "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={n_ahead}"]})
+                         "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={n_ahead}",
+                                       f"--config.quiet_star.policy_loss_weight={policy_loss_weight}"]})
         runs.append({"arm": f"policy_off_{longest}", "seed": seed, "name": f"nopolicy{longest}_seed{seed}",
                      "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={longest}",
                                    "--config.quiet_star.policy_loss_weight=0"]})
@@ -339,7 +343,7 @@ def study(workdir: str, variant_name: str, seeds: list[int], n_aheads: list[int]
     }
     print(f"[toy_study] at the start of a Quiet-STaR run the thought after '=' is the working for "
           f"{results['initial_thoughts']['thought_exact']:.3f} of the test problems", flush=True)
-    for run in arm_runs(seeds, n_aheads):
+    for run in arm_runs(seeds, n_aheads, variant.policy_loss_weight):
         run_dir = os.path.join(workdir, run["name"])
         print(f"[toy_study] {run['name']}", flush=True)
         overrides = [f"--config.init_from={base_model}", *run["overrides"], *(SMOKE_ARM if smoke else [])]

@@ -19,8 +19,8 @@ from qstar_jax.model import apply_lm, init_params
 from qstar_jax.quiet_star import init_quiet_star_params
 from qstar_jax.tokenizer import add_thought_tokens, load_tokenizer, train_word_tokenizer
 from qstar_jax.toy_eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
-from qstar_jax.toy_study import (TABLE_END, TABLE_START, VARIANTS, aggregate, caption, policy_gain, table,
-                                 update_readme)
+from qstar_jax.toy_study import (TABLE_END, TABLE_START, VARIANTS, aggregate, arm_runs, caption, policy_gain,
+                                 table, update_readme)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -214,6 +214,16 @@ def test_summary_policy_gain_and_table_come_from_the_final_checkpoints():
         "| (a) Quiet-STaR, n_ahead 8 (5 thought tokens)"]
     assert "0.800 ± 0.100" in lines[5] and "0.300 (thoughts a run starts from)" in lines[2]
     assert "+0.400 (4.0 std)" in caption(results)
+
+
+def test_arms_per_seed_and_the_variant_policy_weight():
+    runs = arm_runs([0, 1], [4, 8], VARIANTS["aside"].policy_loss_weight)
+    assert [r["name"] for r in runs] == ["ntp_seed0", "qs4_seed0", "qs8_seed0", "nopolicy8_seed0",
+                                         "ntp_seed1", "qs4_seed1", "qs8_seed1", "nopolicy8_seed1"]
+    weights = {r["name"]: [o for o in r["overrides"] if "policy_loss_weight" in o] for r in runs}
+    assert weights["qs8_seed1"] == ["--config.quiet_star.policy_loss_weight=1000.0"]
+    assert weights["nopolicy8_seed0"] == ["--config.quiet_star.policy_loss_weight=0"]  # one setting, never two
+    assert "--config.quiet_star.n_ahead=8" in runs[3]["overrides"] and "--config.method=lm" in runs[0]["overrides"]
 
 
 def test_each_variant_writes_between_its_own_markers(tmp_path):
