@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from multi_process import without_compilation_cache
 from test_train import SMALL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +206,8 @@ def test_slurm_script_trains_as_one_job_of_two_processes(tmp_path):
     (bin_dir / "srun").write_text(FAKE_SRUN)
     (bin_dir / "srun").chmod(0o755)
     workdir = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_LOGS": str(tmp_path),
+    env = {**without_compilation_cache(dict(os.environ)), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "SRUN_LOGS": str(tmp_path),
            "SLURM_JOB_ID": str(_free_slurm_port() - 61440), "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": REPO,
            "VENV": sys.prefix, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}

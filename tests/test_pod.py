@@ -19,6 +19,7 @@ import time
 
 from gcs_emulator import delete_prefix, object_names, running_emulator
 from hf_models import make_tiny_hf_model
+from multi_process import without_compilation_cache
 from qstar_jax.data import arithmetic_problems, default_corpus
 from qstar_jax.tokenizer import load_tokenizer
 from test_train import _free_port
@@ -63,7 +64,7 @@ class Pod:
             with open(out, "w") as stdout, open(err, "w") as stderr:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "qstar_jax.train", *args, f"--config.distributed.process_id={i}"],
-                    cwd=cwd, env=_env(env, 4), stdout=stdout, stderr=stderr))
+                    cwd=cwd, env=without_compilation_cache(_env(env, 4)), stdout=stdout, stderr=stderr))
 
     def __enter__(self) -> "Pod":
         return self

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from multi_process import without_compilation_cache
+
 from qstar_jax import checkpoint, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +32,8 @@ SMALL = [
 def run_train(workdir, *overrides, devices=1, env_extra=None, wait=True, config="experiments/tiny_cpu.py"):
     env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    if "--config.distributed.mode=on" in overrides:
+        env = without_compilation_cache(env)
     args = [sys.executable, "-m", "qstar_jax.train", "--config", config, "--workdir", str(workdir), *SMALL, *overrides]
     if not wait:
         return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
