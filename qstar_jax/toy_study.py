@@ -269,7 +269,7 @@ def read_readme(path: str, variant: Variant) -> str:
     return readme
 
 
-def update_readme(path: str, text: str, variant: Variant = VARIANTS["written"]) -> None:
+def update_readme(path: str, text: str, variant: Variant) -> None:
     start, end = variant.table_start, variant.table_end
     readme = read_readme(path, variant)
     head, rest = readme.split(start, 1)
