@@ -1,9 +1,10 @@
 """Training metrics: metrics.jsonl, TensorBoard events, a console progress line, optional wandb.
 
 Only process 0 writes, through the path layer (a gs:// workdir gets its logs in the bucket:
-`metrics.jsonl` is appended to locally and re-uploaded whole on a bucket, which cannot append;
-TensorBoard writes gs:// through google-cloud-storage). On a terminal the console shows one updating progress line (step,
-loss, reward, mixing weight, tokens/s, ETA); in a log file (CI, pods) it prints plain lines.
+`metrics.jsonl` and TensorBoard's event file (qstar_jax/tensorboard.py) are appended to
+locally and re-uploaded whole on a bucket, which cannot append). On a terminal the console
+shows one updating progress line (step, loss, reward, mixing weight, tokens/s, ETA); in a
+log file (CI, pods) it prints plain lines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 from qstar_jax import paths
+from qstar_jax.tensorboard import EventFile
 
 CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "tokens_per_s", "mfu")
 
@@ -37,9 +39,7 @@ class MetricsLog:
         else:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(self.jsonl_path, "a")
-        from tensorboardX import SummaryWriter
-
-        self.tensorboard = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
+        self.tensorboard = EventFile(paths.path(workdir) / "tensorboard")
         if wandb_project:
             try:
                 import wandb
@@ -58,8 +58,7 @@ class MetricsLog:
         else:
             self.jsonl.write(line)
             self.jsonl.flush()
-        for key, value in metrics.items():
-            self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.scalars(step, metrics)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         self._console(step, metrics)

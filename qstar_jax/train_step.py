@@ -123,24 +123,21 @@ def train_step(
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro(carry, xs):
-        grads_sum, metrics_sum = carry
+    def micro(grads_sum, xs):
         index, tokens_BxN, segments_BxN, inputs_BxN = xs
         (_, metrics), grads = grad_fn(state.params, tokens_BxN, segments_BxN, jax.random.fold_in(step_rng, index),
                                       *inputs_BxN)
-        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+        return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
+    # Metrics leave the scan stacked (A, ...) rather than summed in the carry: a zero carry
+    # would need their structure up front, i.e. one more trace of the whole loss.
     accum = tokens_AxBxN.shape[0]
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-    zero_metrics = jax.eval_shape(
-        lambda: grad_fn(state.params, tokens_AxBxN[0], segments_AxBxN[0], step_rng, *(x[0] for x in inputs_AxBxN))[0][1]
-    )
-    zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
-    (grads, metrics), _ = jax.lax.scan(
-        micro, (zero_grads, zero_metrics), (jnp.arange(accum), tokens_AxBxN, segments_AxBxN, inputs_AxBxN)
+    grads, metrics_A = jax.lax.scan(
+        micro, zero_grads, (jnp.arange(accum), tokens_AxBxN, segments_AxBxN, inputs_AxBxN)
     )
     grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = jax.tree.map(lambda m: m / accum, metrics)
+    metrics = jax.tree.map(lambda m: m.mean(0), metrics_A)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)

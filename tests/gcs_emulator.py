@@ -6,8 +6,8 @@ processes at once. fake-gcs-server implements preconditions and serves connectio
 concurrently; the pure-Python `gcp-storage-emulator` ignores preconditions and serves one
 connection at a time, so a 2-process checkpoint fails there ("Malformed StorageGeneration").
 
-`running_emulator()` yields the environment that points gcsfs (hence etils.epath),
-tensorstore (hence Orbax) and google-cloud-storage (hence TensorBoard) at the server.
+`running_emulator()` yields the environment that points gcsfs (hence etils.epath and
+TensorBoard's event file) and tensorstore (hence Orbax) at the server.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from process_env import forced_devices
 from test_train import REPO, assert_ok
 
 from qstar_jax import checkpoint, curriculum, train
@@ -196,7 +197,7 @@ def get_config():
 
 def run_chain(workdir, config_file, wait=True):
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": forced_devices(1)}
     args = [sys.executable, "-m", "qstar_jax.train", "--config", str(config_file), "--workdir", str(workdir)]
     if not wait:
         return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from multi_process import without_compilation_cache
+from process_env import forced_devices, without_compilation_cache
 from test_train import SMALL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,7 +210,7 @@ def test_slurm_script_trains_as_one_job_of_two_processes(tmp_path):
            "SRUN_LOGS": str(tmp_path),
            "SLURM_JOB_ID": str(_free_slurm_port() - 61440), "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": REPO,
            "VENV": sys.prefix, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": forced_devices(1)}
     args = ["--config", "experiments/tiny_cpu.py", "--workdir", str(workdir), *SMALL, "--config.steps=2",
             "--config.eval_every=0", "--config.mesh.data=2"]
     result = subprocess.run(["bash", SLURM, *args], check=False, env=env, capture_output=True, text=True, timeout=600)

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from gcs_emulator import delete_prefix, object_names, running_emulator
 from hf_models import make_tiny_hf_model
-from multi_process import without_compilation_cache
+from process_env import forced_devices, without_compilation_cache
 from qstar_jax.data import arithmetic_problems, default_corpus
 from qstar_jax.tokenizer import load_tokenizer
 from test_train import _free_port
@@ -35,7 +36,7 @@ TINY = ["--config.data.seq_len=24", "--config.quiet_star.n_ahead=4", "--config.q
 
 def _env(env: dict, devices: int) -> dict:
     return {**os.environ, **env, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": forced_devices(devices)}
 
 
 def _cli(module: str, args: list[str], env: dict, cwd, devices: int = 4):
@@ -134,15 +135,29 @@ def test_pod_rehearsal_on_a_bucket(tmp_path):
         for expected in ("metrics.jsonl", "model_config.json", "tokenizer/tokenizer.json", "tensorboard/",
                          f"checkpoints/{step + 2}/"):
             assert any(n.startswith(f"{RUN}/{expected}") for n in names), (expected, names[:20])
-        logged = [json.loads(line)["step"] for line in _read(env, f"{RUN}/metrics.jsonl").splitlines()]
-        assert max(logged) == step + 2
+        logged = [json.loads(line) for line in _read(env, f"{RUN}/metrics.jsonl").decode().splitlines()]
+        assert max(m["step"] for m in logged) == step + 2
+        assert _tensorboard_losses(env, tmp_path / "tensorboard") == {m["step"]: m["loss"] for m in logged if "loss" in m}
     assert not os.path.exists(cwd / "gs:") and os.listdir(cwd) == []
 
 
-def _read(env: dict, name: str) -> str:
+def _tensorboard_losses(env: dict, local_dir) -> dict[int, float]:
+    """The loss scalars of the run's event files in the bucket (one per start), as
+    TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    local_dir.mkdir()
+    for name in object_names(env, BUCKET, f"{RUN}/tensorboard/"):
+        (local_dir / os.path.basename(name)).write_bytes(_read(env, name))
+    accumulator = EventAccumulator(str(local_dir))
+    accumulator.Reload()
+    return {e.step: pytest.approx(e.value, rel=1e-6) for e in accumulator.Scalars("loss")}
+
+
+def _read(env: dict, name: str) -> bytes:
     import urllib.parse
     import urllib.request
 
     quoted = urllib.parse.quote(name, safe="")
     with urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o/{quoted}?alt=media") as r:
-        return r.read().decode()
+        return r.read()

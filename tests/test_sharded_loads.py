@@ -11,12 +11,14 @@ import os
 import subprocess
 import sys
 
+from process_env import forced_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_load_is_sharded_and_bf16_models_train_in_float32(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": forced_devices(8)}
     result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_loads.py"), str(tmp_path)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

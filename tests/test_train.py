@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from multi_process import without_compilation_cache
+from process_env import forced_devices, without_compilation_cache
 
 from qstar_jax import checkpoint, sharding
 
@@ -30,7 +30,7 @@ SMALL = [
 
 
 def run_train(workdir, *overrides, devices=1, env_extra=None, wait=True, config="experiments/tiny_cpu.py"):
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": forced_devices(devices),
            "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     if "--config.distributed.mode=on" in overrides:
         env = without_compilation_cache(env)
@@ -109,11 +109,11 @@ def _free_port() -> int:
 
 def test_two_processes_train_in_lockstep_like_one(tmp_path):
     """2 local processes (jax.distributed, localhost coordinator) == 1 process with 2 devices."""
-    reference = tmp_path / "reference"
-    assert_ok(run_train(reference, "--config.steps=3", "--config.mesh.data=2", devices=2))
+    reference, short = tmp_path / "reference", ["--config.steps=3", "--config.eval_every=0"]
+    assert_ok(run_train(reference, *short, "--config.mesh.data=2", devices=2))
     port = _free_port()
     procs = [
-        run_train(tmp_path / "multi", "--config.steps=3", "--config.mesh.data=2", "--config.distributed.mode=on",
+        run_train(tmp_path / "multi", *short, "--config.mesh.data=2", "--config.distributed.mode=on",
                   f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", wait=False)
         for i in range(2)

@@ -1,6 +1,14 @@
-"""Environment for the processes of a multi-process test run."""
+"""Environment for the CLI processes the tests start."""
 
 from __future__ import annotations
+
+import os
+
+
+def forced_devices(count: int) -> str:
+    """XLA_FLAGS for a process with `count` host CPU devices, keeping the session's own
+    flags (tests/conftest.py), so a subprocess compiles like the test process."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
 
 
 def without_compilation_cache(env: dict) -> dict:
