@@ -138,21 +138,21 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=300):
 
 
 def test_killed_run_resumes_bit_identically(tmp_path):
-    long = ["--config.steps=30", "--config.optimizer.total_steps=30", "--config.checkpoint_every=5",
+    long = ["--config.steps=16", "--config.optimizer.total_steps=16", "--config.checkpoint_every=4",
             "--config.eval_every=0"]
     assert_ok(run_train(tmp_path / "straight", *long))
     proc = run_train(tmp_path / "killed", *long, wait=False)
-    _wait_for_checkpoint(tmp_path / "killed", 5, proc)
+    _wait_for_checkpoint(tmp_path / "killed", 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     interrupted_at = checkpoint.TrainCheckpoints(str(tmp_path / "killed" / "checkpoints"), 10).latest_step()
-    assert interrupted_at is not None and interrupted_at < 30
+    assert interrupted_at is not None and interrupted_at < 16
     resumed = run_train(tmp_path / "killed", *long)
     assert_ok(resumed)
     assert f"resumed from step {interrupted_at}" in resumed.stdout
     step_a, a = final_params(tmp_path / "straight")
     step_b, b = final_params(tmp_path / "killed")
-    assert step_a == step_b == 30
+    assert step_a == step_b == 16
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
