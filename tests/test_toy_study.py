@@ -20,7 +20,7 @@ from qstar_jax.quiet_star import init_quiet_star_params
 from qstar_jax.tokenizer import add_thought_tokens, load_tokenizer, train_word_tokenizer
 from qstar_jax.toy_eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
 from qstar_jax.toy_study import (TABLE_END, TABLE_START, VARIANTS, aggregate, arm_runs, caption, policy_gain,
-                                 table, update_readme)
+                                 read_readme, table, update_readme)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,6 +242,8 @@ def test_each_variant_writes_between_its_own_markers(tmp_path):
                             env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {readme} has no <!-- toy-study-aside")
     assert not (tmp_path / "w").exists()
+    for variant in VARIANTS.values():  # each study's default command can rewrite the repo's README
+        read_readme(os.path.join(REPO, "README.md"), variant)
 
 
 def test_smoke_study_writes_table_plot_results_and_scores_checkpoints(tmp_path):
