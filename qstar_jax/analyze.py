@@ -145,7 +145,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--max-documents", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seq_len < 2:
+        raise UserError(f"--seq-len must be >= 2 (a token and its successor), got {args.seq_len}")
+    if paths.path(args.output).is_file():
+        raise UserError(f"--output must be a directory; {args.output} is a file")
+    return args
 
 
 @exit_on_user_error

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -411,8 +412,27 @@ class Preemption:
         return self.requested
 
 
+# Run settings that must be positive (>= 1), checked before anything is loaded or compiled:
+# found any later, a 0 would cost a compile (checkpoint_every=0 divides by zero after the
+# first step), or worse, finish "successfully" (steps=0, keep_checkpoints=0 keeps none).
+POSITIVE_SETTINGS = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "eval_batches")
+
+
+def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
+    for name in POSITIVE_SETTINGS:
+        value = functools.reduce(getattr, name.split("."), cfg)
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if cfg.eval_every < 0:
+        raise UserError(f"eval_every must be >= 0 (0 = never), got {cfg.eval_every}")
+    if cfg.data.seq_len < 2:
+        raise UserError(f"data.seq_len must be >= 2 (a token and its successor), got {cfg.data.seq_len}")
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False) -> None:
     """One training run, or with `curriculum.stages` the whole chain of them."""
+    check_run_settings(cfg)
     init_distributed(cfg.distributed)
     if cfg.compilation_cache_dir:
         # JAX keys entries by program, compiler options and versions, so a stale hit cannot happen.
@@ -612,15 +632,34 @@ def main(argv: list[str]) -> None:
     train(cfg, _WORKDIR.value, _PREFLIGHT.value)
 
 
+def _config_file(argv: list[str]) -> str | None:
+    """The --config argument's file (ml_collections also accepts FILE:ARGS)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with config-override mistakes reported in one line."""
+    """absl flag parsing, with config-file and config-override mistakes reported in one line."""
+    config_file = _config_file(argv)
+    if config_file is not None and not os.path.isfile(config_file):
+        print(f"error: config file not found: {config_file}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
     except (AttributeError, KeyError) as e:  # ml_collections: an override names no config key
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        print(f"error: unknown config key {str(e).strip(chr(34))} (in {', '.join(bad)})", file=sys.stderr)
+        # The message is the key, quoted, and may go on with a "Did you mean ..." line.
+        key, *hint = str(e.args[0] if e.args else e).splitlines()
+        key = key.strip("'\"")
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        named = [a for a in overrides if key in a.split(".")] or overrides
+        hint_text = f"; {' '.join(hint)}" if hint else ""
+        print(f"error: unknown config key '{key}'{hint_text} (in {', '.join(named)})", file=sys.stderr)
     except (TypeError, ValueError) as e:  # ml_collections: an override of the wrong type
         print(f"error: bad config override: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.errors import UserError
 from qstar_jax.model import Params, next_token_loss
 from qstar_jax.ntp import NTPConfig, ntp_loss
 from qstar_jax.quiet_star import quiet_star_loss
@@ -36,6 +37,16 @@ class OptimizerConfig:
     eps: float = 1e-8
     schedule: str = "constant"  # after warmup: "constant", "linear" or "cosine" decay to 0
     total_steps: int = 100
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise UserError(f"optimizer.warmup_steps must be >= 0 and optimizer.total_steps >= 1, got "
+                            f"{self.warmup_steps} and {self.total_steps}")
+
+
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:

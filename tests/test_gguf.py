@@ -78,3 +78,17 @@ def test_gguf_model_matches_transformers_and_generates_the_same(smollm2, tmp_pat
                        jax.random.key(0), new, 0.0, False)
     assert np.asarray(mine[0]).tolist() == theirs.tolist()
     assert "Paris" in tokenizer.decode(np.asarray(mine[0]).tolist())
+
+
+@needs_smollm2
+def test_config_docstring_locates_the_gguf():
+    """experiments/smollm2_135m.py's convert command finds the file with --no-deps installs."""
+    import re
+    import subprocess
+    import sys
+
+    from experiments import smollm2_135m
+
+    snippet = re.search(r"python -c '([^']+)'", smollm2_135m.__doc__).group(1)
+    found = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.join(found, os.path.basename(GGUF)) == GGUF

@@ -120,3 +120,27 @@ def test_plain_lm_training_method(tmp_path):
     one_line_error(cli("generate", "--checkpoint", tmp_path / "lm", "--prompt", "Ava"), "has no thought parameters")
     ok = cli("generate", "--checkpoint", tmp_path / "lm", "--prompt", "Ava has", "--no-think", "--max-new-tokens", 3)
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag,value,message", [("--max-new-tokens", "-3", "--max-new-tokens must be >= 1, got -3"),
+                                                ("--temperature", "-1", "--temperature must be >= 0")])
+def test_generate_refuses_nonsense_settings_in_one_line(capsys, flag, value, message):
+    from qstar_jax import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--checkpoint", "never-read", "--prompt", "hi", flag, value])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def test_analyze_refuses_bad_settings_before_loading(tmp_path, capsys):
+    from qstar_jax import analyze
+
+    (tmp_path / "file").write_text("x")
+    for args, message in ((["--seq-len", "0"], "--seq-len must be >= 2 (a token and its successor), got 0"),
+                          (["--output", str(tmp_path / "file")], f"--output must be a directory; {tmp_path / 'file'} is a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            analyze.main(["--checkpoint", "never-read", "--data", "never-read", "--output", str(tmp_path / "out"), *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and lines == [f"error: {message}"], lines

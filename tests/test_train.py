@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +20,7 @@ import pytest
 from process_env import forced_devices, without_compilation_cache
 
 from qstar_jax import checkpoint, sharding
+from qstar_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small, fast variant of experiments/tiny_cpu.py.
@@ -206,8 +209,38 @@ def _one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("steps", 0, "steps must be >= 1, got 0"),
+    ("batch_size", -8, "batch_size must be >= 1, got -8"),
+    ("checkpoint_every", 0, "checkpoint_every must be >= 1"),
+    ("log_every", 0, "log_every must be >= 1"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be >= 1"),
+    ("eval_every", -1, "eval_every must be >= 0"),
+    ("data.seq_len", 1, "data.seq_len must be >= 2"),
+    ("optimizer.schedule", "cosin", "optimizer.schedule must be one of constant, linear, cosine, got 'cosin'"),
+])
+def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, message):
+    """Checked up front (in-process: the `train` the CLI calls): a 0 found later costs a
+    compile, or ends "successfully" with nothing trained or kept."""
+    from experiments import tiny_cpu
+    from qstar_jax import train
+
+    cfg = tiny_cpu.get_config()
+    *parents, leaf = key.split(".")
+    functools.reduce(lambda c, name: c[name], parents, cfg)[leaf] = value
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_config_key(tmp_path):
-    _one_line_error(run_train(tmp_path, "--config.optimizer.lr=1"), "unknown config key 'lr'")
+    _one_line_error(run_train(tmp_path, "--config.optimizer.lr=1"), "unknown config key 'lr' (in --config.optimizer.lr)")
+    _one_line_error(run_train(tmp_path, "--config.optimizr.lr=1"),
+                    """unknown config key 'optimizr'; Did you mean "optimizer" instead of "optimizr"?""")
+
+
+def test_missing_config_file(tmp_path):
+    _one_line_error(run_train(tmp_path, config="experiments/nope.py"), "config file not found: experiments/nope.py")
 
 
 def test_missing_data_directory_and_empty_dataset(tmp_path):
