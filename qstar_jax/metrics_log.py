@@ -34,10 +34,14 @@ class MetricsLog:
         # Locally lines are appended; a bucket object cannot be appended to, so there the
         # lines are kept and the object re-uploaded whole at each write.
         self.remote = paths.is_remote(workdir)
+        kept = self._earlier_lines(start_step)
         if self.remote:
-            self.jsonl_lines = self.jsonl_path.read_text().splitlines(keepends=True) if self.jsonl_path.exists() else []
+            self.jsonl_lines = kept
         else:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.jsonl_path.exists():
+            paths.write_text(self.jsonl_path, "".join(kept))
+        if not self.remote:
             self.jsonl = open(self.jsonl_path, "a")
         self.tensorboard = EventFile(paths.path(workdir) / "tensorboard")
         if wandb_project:
@@ -47,6 +51,22 @@ class MetricsLog:
                 print("wandb_project is set but wandb is not installed; logging locally only", file=sys.stderr)
             else:
                 self.wandb = wandb.init(project=wandb_project, config=config, dir=workdir)
+
+    def _earlier_lines(self, start_step: int) -> list[str]:
+        """The lines of earlier starts up to `start_step`, the checkpoint this start resumes
+        from: the steps after it are trained again and logged again, so their first log
+        (and a line cut short by a kill) is dropped rather than left to appear twice."""
+        if not self.jsonl_path.exists():
+            return []
+        kept = []
+        for line in self.jsonl_path.read_text().splitlines(keepends=True):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if step <= start_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        return kept
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -156,6 +156,8 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     step_a, a = final_params(tmp_path / "straight")
     step_b, b = final_params(tmp_path / "killed")
     assert step_a == step_b == 16
+    # Steps logged before the kill and trained again are logged once, as in the straight run.
+    assert [m["step"] for m in metrics(tmp_path / "killed")] == [m["step"] for m in metrics(tmp_path / "straight")]
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
