@@ -100,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_tasks = ""
     config.checkpoint_every = 50
     config.keep_checkpoints = 3
+    # A resume whose method, data or optimizer settings differ from the checkpoint's is
+    # refused (the differences are listed); True continues with the new settings.
+    config.allow_config_change = False
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.distributed = ml_collections.ConfigDict(
         dict(mode="auto", coordinator_address="", num_processes=1, process_id=0)  # auto | on | off

@@ -254,8 +254,28 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
     return lambda tokens, segments, rng: nll(params, tokens, segments, rng)
 
 
-def run_meta(model_config: ModelConfig, qs: QuietStarConfig | None) -> dict[str, Any]:
-    return {"model_config": model_config.to_dict(), "quiet_star": None if qs is None else qs.__dict__.copy()}
+# The settings besides the architecture that decide what a run computes; a checkpoint
+# records them, and a resume that changes one is refused unless allow_config_change.
+RESULT_SETTINGS = ("method", "seed", "batch_size", "grad_accum", "quiet_star", "ntp", "data", "optimizer")
+
+
+def result_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    settings = {k: cfg[k].to_dict() if isinstance(cfg[k], ml_collections.ConfigDict) else cfg[k]
+                for k in RESULT_SETTINGS}
+    return json.loads(json.dumps(settings))  # as a checkpoint stores them (tuples become lists)
+
+
+def changed_settings(saved: Any, current: Any, name: str = "") -> list[str]:
+    """'key: saved -> current' for every leaf that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted(set(saved) | set(current))
+                for change in changed_settings(saved.get(key), current.get(key), f"{name}.{key}" if name else key)]
+    return [] if saved == current else [f"{name}: {saved!r} -> {current!r}"]
+
+
+def run_meta(model_config: ModelConfig, qs: QuietStarConfig | None, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {"model_config": model_config.to_dict(), "quiet_star": None if qs is None else qs.__dict__.copy(),
+            "settings": result_settings(cfg)}
 
 
 # ----------------------------------------------------------------------------------- data
@@ -484,7 +504,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
         model_config, params, tokenizer = load_base_model(
             cfg, data.leading_documents(train_docs, TOKENIZER_DOCUMENTS), workdir, mesh)
         model_config, qs, params, tokenizer = prepare_method(cfg, model_config, params, tokenizer)
-        meta = run_meta(model_config, qs)
+        meta = run_meta(model_config, qs, cfg)
         abstract_state, state_shardings = abstract_and_shardings(lambda p=params: p, optimizer, mesh)
         state = jax.jit(lambda p: init_train_state(p, optimizer, jax.random.key(cfg.seed)),
                         out_shardings=state_shardings)(params)
@@ -496,9 +516,10 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
         check_method(cfg.method)
         model_config, tokenizer = resumed_model(cfg, workdir)
         qs = quiet_star_config(cfg, tokenizer)
-        meta = run_meta(model_config, qs)
+        meta = run_meta(model_config, qs, cfg)
         abstract_state, state_shardings = abstract_and_shardings(params_shape_fn(model_config, qs), optimizer, mesh)
-        state = ckpt.restore(start_step, abstract_state, state_shardings, meta, len(train_docs))
+        state = ckpt.restore(start_step, abstract_state, state_shardings, meta, len(train_docs),
+                             cfg.allow_config_change)
         status(f"resumed from step {start_step} in {workdir} ({time.perf_counter() - clock:.1f} s)")
     clock = time.perf_counter()
     batches = Batches(data.Rows(train_docs, tokenizer, cfg.data.seq_len, cfg.seed, cfg.data.packing),
@@ -593,13 +614,20 @@ class RunCheckpoints(checkpoint.TrainCheckpoints):
         super().save(step, state.to_dict(), {"next_step": step, "train_documents": train_documents}, meta, metric)
 
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,  # type: ignore[override]
-                meta: dict[str, Any], train_documents: int = 0) -> TrainState:
+                meta: dict[str, Any], train_documents: int = 0, allow_changes: bool = False) -> TrainState:
         saved = self.restore_meta(step)
         if saved["model_config"] != meta["model_config"]:
             differing = sorted(k for k in meta["model_config"]
                                if saved["model_config"].get(k) != meta["model_config"][k])
             raise UserError(f"checkpoint at step {step} in {self.directory} is for another model "
                             f"(differs in: {', '.join(differing)}); use a new --workdir")
+        changes = changed_settings(saved.get("settings", meta["settings"]), meta["settings"])
+        if changes and not allow_changes:
+            raise UserError(f"checkpoint at step {step} in {self.directory} was trained with other settings "
+                            f"({'; '.join(changes)}); rerun with them, use a new --workdir, or pass "
+                            "--config.allow_config_change=True")
+        if changes:
+            status(f"warning: resuming step {step} with changed settings: {'; '.join(changes)}")
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
         )

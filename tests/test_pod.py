@@ -57,7 +57,8 @@ class Pod:
         port = _free_port()
         args = ["--config", os.path.join(REPO, "experiments", "mistral_owm.py"), "--workdir", f"gs://{BUCKET}/{RUN}",
                 f"--config.init_from=gs://{BUCKET}/{MODEL}", f"--config.data.path={data_dir}", *TINY,
-                f"--config.steps={steps}", f"--config.optimizer.total_steps={steps}", "--config.distributed.mode=on",
+                # The schedule stays that of 400 steps: a resume may stop earlier, not change it.
+                f"--config.steps={steps}", "--config.optimizer.total_steps=400", "--config.distributed.mode=on",
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
         self.logs = [(logs / f"out{i}.log", logs / f"err{i}.log") for i in range(2)]
         self.procs = []

@@ -263,6 +263,20 @@ def test_checkpoint_of_another_architecture(tmp_path, tiny_run):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
+def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, tiny_run):
+    assert_ok(tiny_run[2])
+    shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    _one_line_error(run_train(tmp_path, "--config.steps=7", "--config.quiet_star.n_ahead=5", "--config.seed=3"),
+                    "checkpoint at step 6", "was trained with other settings", "quiet_star.n_ahead: 4 -> 5",
+                    "seed: 0 -> 3", "--config.allow_config_change=True")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    allowed = run_train(tmp_path, "--config.steps=7", "--config.seed=3", "--config.allow_config_change=True")
+    assert_ok(allowed)
+    assert "warning: resuming step 6 with changed settings: seed: 0 -> 3" in allowed.stdout
+    assert "7" in os.listdir(tmp_path / "checkpoints")
+
+
 def test_non_finite_loss_stops_without_saving(tmp_path):
     result = run_train(tmp_path, "--config.optimizer.learning_rate=1e30", "--config.checkpoint_every=1",
                        "--config.optimizer.grad_clip_norm=1e30", "--config.steps=20", "--config.optimizer.total_steps=20")
