@@ -60,11 +60,12 @@ def write_text(p: PathLike, text: str) -> None:
 
 
 def read_text(p: PathLike, what: str = "file") -> str:
-    """The file's text; a missing file is a one-line user error naming `what` it should be."""
-    source = path(p)
-    if not source.is_file():
-        raise UserError(f"{what} not found: {p}")
-    return source.read_text(encoding="utf-8")
+    """The file's UTF-8 text; a missing or undecodable file is a one-line user error."""
+    data = read_bytes(p, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def read_bytes(p: PathLike, what: str = "file") -> bytes:

@@ -102,8 +102,12 @@ def _records(path: str, data_dir: str | None):
         return
     if not paths.path(path).is_file():
         raise UserError(f"data file not found: {path}")
-    with paths.path(path).open("r", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    with paths.path(path).open("rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{line_number} is not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

@@ -107,6 +107,11 @@ def test_bad_data_is_one_clear_error(tmp_path):
     (tmp_path / "y.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(UserError, match="y.parquet is not a readable parquet file"):
         data.load_documents(config(path=str(tmp_path)))
+    (tmp_path / "y.parquet").unlink()
+    (tmp_path / "z.txt").write_bytes(b"caf\xe9 in Latin-1")
+    documents = data.load_documents(config(path=str(tmp_path)))  # .txt files are read when a row needs them
+    with pytest.raises(UserError, match=r"z.txt is not UTF-8 text \(byte 3: invalid continuation byte\)"):
+        documents[0]
     with pytest.raises(UserError, match="--to-parquet source does not exist"):
         data.to_parquet(str(tmp_path / "nope"), str(tmp_path / "out"))
     with pytest.raises(UserError, match="--to-parquet needs --output"):

@@ -52,6 +52,9 @@ def test_bad_files_are_one_clear_error(task, tmp_path):
     broken = {k: v for k, v in RECORDS[task].items() if k not in ("answer", "answerKey", "label")}
     with pytest.raises(UserError, match=f"d.jsonl:1 is not in the {task} format"):
         load_examples(task, write_jsonl(tmp_path / "d.jsonl", [broken]))
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(RECORDS[task]).encode() + b"\n\xe9\n")
+    with pytest.raises(UserError, match="latin1.jsonl:2 is not UTF-8 text"):
+        load_examples(task, str(tmp_path / "latin1.jsonl"))
 
 
 def test_extract_number_and_vote():
