@@ -453,6 +453,8 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
 def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False) -> None:
     """One training run, or with `curriculum.stages` the whole chain of them."""
     check_run_settings(cfg)
+    if workdir and paths.path(workdir).exists() and not paths.path(workdir).is_dir():
+        raise UserError(f"--workdir {workdir} is a file, not a directory")
     init_distributed(cfg.distributed)
     if cfg.compilation_cache_dir:
         # JAX keys entries by program, compiler options and versions, so a stale hit cannot happen.

@@ -235,6 +235,16 @@ def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, messag
     assert not (tmp_path / "run").exists()
 
 
+def test_workdir_that_is_a_file(tmp_path):
+    from experiments import tiny_cpu
+    from qstar_jax import train
+
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(UserError, match="--workdir .*run is a file, not a directory"):
+        train.train(tiny_cpu.get_config(), str(tmp_path / "run"))
+    assert (tmp_path / "run").read_text() == "notes"
+
+
 def test_unknown_config_key(tmp_path):
     _one_line_error(run_train(tmp_path, "--config.optimizer.lr=1"), "unknown config key 'lr' (in --config.optimizer.lr)")
     _one_line_error(run_train(tmp_path, "--config.optimizr.lr=1"),
