@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import sentencepiece as spm
 import tokenizers
@@ -183,6 +183,13 @@ def has_tokenizer(directory: str) -> bool:
     return any((paths.path(directory) / f).is_file() for f in TOKENIZER_FILES)
 
 
+def _json_file(path: paths.Path) -> Any:
+    try:
+        return json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
     """Loads `tokenizer.json` (preferred, it is what current HF models ship) or `tokenizer.model`."""
     directory = paths.path(directory)
@@ -190,13 +197,20 @@ def load_tokenizer(directory: str) -> Tokenizer:
         config_file = directory / "tokenizer_config.json"
         special = {}
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            config = _json_file(config_file)
             special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
-        return HFTokenizer(tokenizers.Tokenizer.from_str((directory / "tokenizer.json").read_text()), special)
+        try:  # the Rust library raises a bare Exception for a malformed file
+            tokenizer = tokenizers.Tokenizer.from_str(paths.read_text(directory / "tokenizer.json"))
+        except Exception as e:
+            raise UserError(f"{directory / 'tokenizer.json'} is not a readable tokenizer ({e})") from None
+        return HFTokenizer(tokenizer, special)
     if (directory / "tokenizer.model").is_file():
         added_file = directory / SP_ADDED_TOKENS_FILE
-        added = json.loads(added_file.read_text()) if added_file.is_file() else None
-        return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes(), added)
+        added = _json_file(added_file) if added_file.is_file() else None
+        try:
+            return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes(), added)
+        except RuntimeError:
+            raise UserError(f"{directory / 'tokenizer.model'} is not a readable SentencePiece model") from None
     raise UserError(f"no tokenizer in {directory}: expected one of {', '.join(TOKENIZER_FILES)}")
 
 

@@ -70,6 +70,20 @@ def test_kinds_are_detected(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
+def test_unreadable_tokenizer_files_are_one_clear_error(tmp_path):
+    for name, content, message in (("tokenizer.json", b"{not json", "tokenizer.json is not a readable tokenizer"),
+                                   ("tokenizer.model", b"garbage", "tokenizer.model is not a readable SentencePiece"),
+                                   ("tokenizer.json", b"\xff\xfe", "tokenizer.json is not UTF-8 text")):
+        directory = tmp_path / f"{name}-{len(content)}"
+        directory.mkdir()
+        (directory / name).write_bytes(content)
+        with pytest.raises(UserError, match=message):
+            load_tokenizer(str(directory))
+    (directory / "tokenizer_config.json").write_text("{")
+    with pytest.raises(UserError, match="tokenizer_config.json is not valid JSON"):
+        load_tokenizer(str(directory))
+
+
 def test_grow_vocab_adds_rows_and_keeps_old_logits(tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
     config = ModelConfig("llama", tokenizer.vocab_size, 32, 64, 2, 4, 2, 8)
