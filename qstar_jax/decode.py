@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.errors import UserError
 from qstar_jax.model import KVCache, Params, decode_embeddings, embed, init_cache, lm_head
 from qstar_jax.quiet_star import mask_thought_tokens, mixing_head_module, sample_thought_tokens
 
@@ -130,6 +131,19 @@ def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperat
     xs = (jnp.arange(steps), None if forced_BxM is None else forced_BxM.T)
     _, (tokens_MxB, thoughts_MxBxS, logits_MxBxV) = jax.lax.scan(one_token, (cache, h_last_BxD), xs)
     return tokens_MxB.T, thoughts_MxBxS.transpose(1, 0, 2), logits_MxBxV.transpose(1, 0, 2)
+
+
+def prompt_room(config: ModelConfig, qs: QuietStarConfig | None, new_tokens: int, thinking: bool) -> int:
+    """How many prompt tokens fit in the model's context (`max_position_embeddings`) with
+    `new_tokens` generated after them and, when thinking, one thought's slots. Callers
+    reject a longer prompt (generate) or keep its last tokens (evaluate); past the context
+    positions leave what the model was trained on, and memory grows with the length."""
+    slots = qs.n_ahead if thinking and qs is not None else 0
+    room = config.max_position_embeddings - new_tokens - slots
+    if room < 1:
+        raise UserError(f"{new_tokens} new tokens{f' and {slots} thought slots' if slots else ''} leave no room for a "
+                        f"prompt in the model's context of {config.max_position_embeddings} tokens")
+    return room
 
 
 @functools.partial(jax.jit, static_argnames=("config", "qs", "max_new_tokens", "temperature", "thinking"))

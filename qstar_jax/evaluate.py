@@ -13,7 +13,8 @@ Metrics (tasks.py has the formats):
               step.", each finished with "Therefore, the answer (arabic numerals) is",
               first number extracted, majority vote.
 With --think every predicted token is the mixed post-thought prediction (one thought
-before each token, as in generation).
+before each token, as in generation). A question longer than the model's context keeps
+its last tokens (`decode.prompt_room`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from qstar_jax import paths
 from qstar_jax.checkpoint import load_for_inference
-from qstar_jax.decode import continuation_logits, generate
+from qstar_jax.decode import continuation_logits, generate, prompt_room
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.tasks import TASKS, Example, extract_number, load_examples
 
@@ -48,9 +49,13 @@ class Evaluator(NamedTuple):
     thinking: bool
 
 
-def _ids(ev: Evaluator, text: str) -> list[int]:
+def _ids(ev: Evaluator, text: str, new_tokens: int) -> list[int]:
+    """The prompt's ids; one longer than the context keeps its last tokens (where the
+    question is asked) after the BOS token."""
+    room = prompt_room(ev.config, ev.qs, new_tokens, ev.thinking)
+    bos = [ev.tokenizer.bos_id] if ev.tokenizer.bos_id is not None else []
     ids = ev.tokenizer.encode(text)
-    return ([ev.tokenizer.bos_id] + ids) if ev.tokenizer.bos_id is not None else ids
+    return bos + ids[max(len(ids) - (room - len(bos)), 0):]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[jax.Array, jax.Array]:
@@ -65,14 +70,14 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[jax.Array, jax.Array]:
 
 def answer_logits(ev: Evaluator, prompt: str, continuation: list[int], seed: int = 0) -> np.ndarray:
     """Next-token log-probs (MxV) before each continuation token, after `prompt`."""
-    tokens, valid = left_pad([_ids(ev, prompt)], ev.tokenizer.pad_id)
+    tokens, valid = left_pad([_ids(ev, prompt, len(continuation))], ev.tokenizer.pad_id)
     logits = continuation_logits(ev.config, ev.qs, ev.params, tokens, valid, jnp.asarray([continuation], jnp.int32),
                                  jax.random.key(seed), ev.thinking)
     return np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
 
 
 def greedy_text(ev: Evaluator, prompts: list[str], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    tokens, valid = left_pad([_ids(ev, p) for p in prompts], ev.tokenizer.pad_id)
+    tokens, valid = left_pad([_ids(ev, p, new_tokens) for p in prompts], ev.tokenizer.pad_id)
     out, _ = generate(ev.config, ev.qs, ev.params, tokens, valid, jax.random.key(seed), new_tokens, temperature,
                       ev.thinking)
     texts = []

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.checkpoint import load_for_inference
-from qstar_jax.decode import generate
+from qstar_jax.decode import generate, prompt_room
 from qstar_jax.errors import UserError, exit_on_user_error
 
 THOUGHT_OPEN, THOUGHT_CLOSE = "\u00ab", "\u00bb"
@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> str:
         prompt = [tokenizer.bos_id] + prompt
     if not prompt:
         raise UserError("the prompt is empty")
+    room = prompt_room(config, qs, args.max_new_tokens, args.think)
+    if len(prompt) > room:
+        raise UserError(f"the prompt is {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} the model's "
+                        f"context of {config.max_position_embeddings} tokens holds {room}")
     prompt_1xT = jnp.asarray([prompt], jnp.int32)
     tokens_1xM, thoughts_1xMxS = generate(
         config, qs, params, prompt_1xT, jnp.ones(prompt_1xT.shape, bool), jax.random.key(args.seed),

@@ -144,3 +144,31 @@ def test_analyze_refuses_bad_settings_before_loading(tmp_path, capsys):
             analyze.main(["--checkpoint", "never-read", "--data", "never-read", "--output", str(tmp_path / "out"), *args])
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and lines == [f"error: {message}"], lines
+
+
+def test_prompt_longer_than_the_context_is_refused_by_generate_and_cut_by_evaluate(run_dir, capsys):
+    """The rule (decode.prompt_room): prompt + new tokens + one thought's slots must fit
+    max_position_embeddings; generate refuses a longer prompt, evaluate keeps its end."""
+    from qstar_jax import generate
+    from qstar_jax.evaluate import Evaluator, _ids
+
+    config, qs, params, tokenizer = checkpoint.load_for_inference(str(run_dir))
+    long_prompt = "Ava has 3 apples. " * config.max_position_embeddings
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(run_dir), "--prompt", long_prompt, "--max-new-tokens", "5"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    room = config.max_position_embeddings - 5 - qs.n_ahead
+    assert len(lines) == 1 and lines[0].startswith("error: the prompt is ") and lines[0].endswith(
+        f"with --max-new-tokens 5 the model's context of {config.max_position_embeddings} tokens holds {room}"), lines
+
+    ids = _ids(Evaluator(config, qs, params, tokenizer, True), long_prompt + " How many?", 5)
+    full = tokenizer.encode(long_prompt + " How many?")
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    assert len(ids) == room and ids == bos + full[len(full) - room + len(bos):]
+    assert len(_ids(Evaluator(config, qs, params, tokenizer, False), "Ava has 3 apples.", 5)) < room  # short: whole
+    from qstar_jax.decode import prompt_room
+    from qstar_jax.errors import UserError
+
+    with pytest.raises(UserError, match=f"and {qs.n_ahead} thought slots leave no room for a prompt"):
+        prompt_room(config, qs, config.max_position_embeddings - qs.n_ahead, True)
+    assert prompt_room(config, qs, config.max_position_embeddings - qs.n_ahead, False) == qs.n_ahead
