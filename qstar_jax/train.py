@@ -441,9 +441,8 @@ POSITIVE_SETTINGS = ("steps", "batch_size", "grad_accum", "log_every", "checkpoi
 
 def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
     for name in POSITIVE_SETTINGS:
-        value = functools.reduce(getattr, name.split("."), cfg)
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
+        if cfg[name] < 1:
+            raise UserError(f"{name} must be >= 1, got {cfg[name]}")
     if cfg.eval_every < 0:
         raise UserError(f"eval_every must be >= 0 (0 = never), got {cfg.eval_every}")
     if cfg.data.seq_len < 2:
