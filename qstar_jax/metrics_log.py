@@ -35,13 +35,12 @@ class MetricsLog:
         # lines are kept and the object re-uploaded whole at each write.
         self.remote = paths.is_remote(workdir)
         kept = self._earlier_lines(start_step)
+        if self.jsonl_path.exists():
+            paths.write_text(self.jsonl_path, "".join(kept))
         if self.remote:
             self.jsonl_lines = kept
         else:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.jsonl_path.exists():
-            paths.write_text(self.jsonl_path, "".join(kept))
-        if not self.remote:
             self.jsonl = open(self.jsonl_path, "a")
         self.tensorboard = EventFile(paths.path(workdir) / "tensorboard")
         if wandb_project:

@@ -12,11 +12,11 @@ Multiple-choice answers are scored on the answer letter; GSM8K on the number aft
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any
 
 from qstar_jax import paths
+from qstar_jax.data import json_lines
 from qstar_jax.errors import UserError
 
 TASKS = ("gsm8k", "csqa", "piqa", "siqa")
@@ -102,18 +102,8 @@ def _records(path: str, data_dir: str | None):
         return
     if not paths.path(path).is_file():
         raise UserError(f"data file not found: {path}")
-    with paths.path(path).open("rb") as f:
-        for line_number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{line_number} is not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{line_number}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
+    for line_number, record in json_lines(paths.path(path)):
+        yield f"{path}:{line_number}", record
 
 
 def load_examples(task: str, path: str, limit: int = 0, data_dir: str | None = None) -> list[Example]:
