@@ -16,6 +16,8 @@ sharding when the abstract target carries one, so the same files serve a laptop 
 
 from __future__ import annotations
 
+import json
+import zlib
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -35,6 +37,8 @@ PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 SELECTION_METRIC = "selection"  # the name a checkpoint's ranking value is stored under
+MANIFEST_FILE = "manifest.json"  # in a step directory: every other file's size and checksum
+CORRUPT_DIR = "corrupt_checkpoints"  # beside checkpoints/: steps that failed verification
 
 
 def sharded_target(abstract_params: Any, mesh: Mesh, param_dtype: str | None = None) -> Any:
@@ -156,6 +160,63 @@ def load_model_tokenizer(directory: str) -> Tokenizer:
     return load_tokenizer(tokenizer_dir)
 
 
+# ---------------------------------------------------------------------- checkpoint manifests
+
+
+def file_checksum(p: paths.Path) -> str:
+    """A checksum tagged with its algorithm. A bucket object's is the CRC32C the store
+    computed at upload (read from its metadata: verifying a 7B checkpoint must not mean
+    downloading it); a local file's is the CRC-32 of its bytes."""
+    if paths.is_remote(p):
+        import gcsfs  # the backend epath uses for gs:// paths
+
+        info = gcsfs.GCSFileSystem().info(str(p))
+        if info.get("crc32c"):
+            return f"crc32c:{info['crc32c']}"
+        return f"md5:{info['md5Hash']}"
+    crc = 0
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
+def step_files(step_dir: paths.Path) -> dict[str, dict[str, Any]]:
+    """{path relative to the step directory: {"bytes", "checksum"}} for every file but the manifest."""
+    prefix = len(str(step_dir).rstrip("/")) + 1
+    return {
+        str(f)[prefix:]: {"bytes": f.stat().length, "checksum": file_checksum(f)}
+        for f in paths.files_under(step_dir) if f.name != MANIFEST_FILE
+    }
+
+
+def write_manifest(step_dir: paths.Path) -> None:
+    """Records the finished step's files, atomically (after Orbax has finalised the step)."""
+    paths.write_text(step_dir / MANIFEST_FILE, json.dumps({"files": step_files(step_dir)}, indent=1))
+
+
+def verify_step(step_dir: paths.Path) -> str | None:
+    """Why the step's files differ from its manifest (None: they match). A step without
+    a manifest (saved before manifests existed, or killed between Orbax's commit and the
+    manifest) cannot be checked and passes; reading it is then the only test."""
+    manifest_file = step_dir / MANIFEST_FILE
+    if not manifest_file.exists():
+        return None
+    try:
+        recorded = json.loads(manifest_file.read_text())["files"]
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    found = step_files(step_dir)
+    for name, entry in sorted(recorded.items()):
+        if name not in found:
+            return f"{name} is missing"
+        if found[name]["bytes"] != entry["bytes"]:
+            return f"{name} has {found[name]['bytes']} bytes, {entry['bytes']} when saved"
+        if found[name]["checksum"] != entry["checksum"]:
+            return f"{name} does not match its checksum ({found[name]['checksum']}, {entry['checksum']} when saved)"
+    return None
+
+
 # ---------------------------------------------------------------------- training checkpoints
 
 
@@ -171,7 +232,9 @@ class TrainCheckpoints:
     (model and Quiet-STaR configs, checked before restoring so a workdir from another
     architecture fails with one clear line). Saves are asynchronous; Orbax writes to a
     temporary directory and renames it when complete, so a run killed mid-save leaves the
-    previous checkpoint intact.
+    previous checkpoint intact. Once a save is complete, process 0 adds MANIFEST_FILE to
+    the step (`verify_step` checks it), so a corrupted or truncated step is found before it
+    is restored rather than loaded silently.
     """
 
     def __init__(self, directory: str, keep: int, async_save: bool = True, best_mode: str | None = None):
@@ -189,12 +252,52 @@ class TrainCheckpoints:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_dir(self, step: int) -> paths.Path:
+        return paths.path(self.directory) / str(step)
+
+    def verify(self, step: int) -> str | None:
+        """Why step `step` is corrupt (None: its files match its manifest)."""
+        return verify_step(self.step_dir(step))
+
+    def latest_verified_step(self) -> int | None:
+        """The newest step whose files match its manifest."""
+        self.wait()
+        return next((s for s in sorted(self.manager.all_steps(), reverse=True) if self.verify(s) is None), None)
+
+    def set_aside(self, step: int) -> str:
+        """Moves a corrupt step out of Orbax's directory (never deleted: it may be inspected or
+        repaired) so that a resumed run can save that step again; returns where it went."""
+        target = paths.path(self.directory).parent / CORRUPT_DIR / str(step)
+        if paths.is_writer():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = target.parent / f"{step}.{len(list(target.parent.iterdir()))}"
+            self.step_dir(step).rename(target)
+        if jax.process_count() > 1:  # every process reloads the step list after the move
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        return str(target)
+
+    def _write_manifests(self) -> None:
+        """Manifests of the saves that Orbax has finished (call after wait_until_finished)."""
+        steps, self._unmanifested = self._unmanifested, []
+        if paths.is_writer():
+            kept = set(self.manager.all_steps())
+            for step in steps:
+                if step in kept:  # retention may already have removed it
+                    write_manifest(self.step_dir(step))
+
     def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any],
              metric: float | None = None) -> None:
+        self.wait()  # the previous save's manifest first (Orbax would wait for that save anyway)
+        self._unmanifested.append(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -239,8 +342,10 @@ class TrainCheckpoints:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._write_manifests()
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
 
 
@@ -271,6 +376,8 @@ def load_for_inference(path: str, step: int | None = None, mesh: Mesh | None = N
         elif step not in steps:
             raise UserError(f"training directory {path} has no checkpoint at step {step} "
                             f"(has {', '.join(map(str, sorted(steps)))})")
+        if (problem := ckpt.verify(step)) is not None:
+            raise UserError(f"checkpoint at step {step} in {path} is corrupt: {problem}")
         params, meta = ckpt.restore_params(step, mesh, param_dtype)
         ckpt.close()
         config = ModelConfig.from_dict(meta["model_config"])

@@ -226,6 +226,9 @@ class Rollout(NamedTuple):
     sample_logp_SxBxPxN: jax.Array  # log softmax(logits / reinforce_temperature)[sampled]
     talk_logp_CxBxPxN: jax.Array  # log p_mix(x_{j+1+c}) after the thought
     mixing_weight_CxBxPxN: jax.Array  # w of the mixing head at talk step c
+    # log p_mix(. | x_<=j, thought) over the whole vocabulary at the first talk step; only
+    # with rollout(talk_distribution=True) (the NTP stage's KL teacher), else None
+    talk_logdist_BxPxNxV: jax.Array | None = None
 
 
 def _shift_left(x_BxN: jax.Array, shift: int, fill) -> jax.Array:
@@ -322,11 +325,14 @@ def rollout(
     segments_BxN: jax.Array,
     rng: jax.Array,
     forced_thoughts_SxBxPxN: jax.Array | None = None,
+    talk_distribution: bool = False,
 ) -> Rollout:
     """Thinks at every position (n_passes thoughts each) and talks; all in parallel.
 
     With `forced_thoughts_SxBxPxN` the given thought tokens are fed instead of sampled
     (their log-probs are still computed): scoring fixed thoughts, and isolation tests.
+    `talk_distribution` also returns the whole mixed next-token distribution (B x P x N x V
+    floats, for the NTP stage's full-distribution teacher; not for training).
     """
     chex.assert_rank(tokens_BxN, 2)
     chex.assert_equal_shape([tokens_BxN, segments_BxN])
@@ -343,6 +349,12 @@ def rollout(
 
     def target_logp(h_RxD, target_R):
         return token_logp(lm_logits(h_RxD), target_R)
+
+    def target_logp_and_distribution(h_RxD, target_R):
+        logits_RxV = lm_logits(h_RxD)
+        return token_logp(logits_RxV, target_R), jax.nn.log_softmax(logits_RxV.astype(jnp.float32), axis=-1)
+
+    talk_out = target_logp_and_distribution if talk_distribution else target_logp
 
     # Step 0: the base pass, keeping every layer's keys and values.
     positions_BxN = positions_from_segments(segments_BxN)
@@ -423,12 +435,16 @@ def rollout(
         w_BxT = mixing_head.apply({"params": params["mixing_head"]}, h_base_BxTxD, h_thought_BxTxD)
         w_BxTx1 = w_BxT[..., None].astype(h_base_BxTxD.dtype)
         h_mix_BxTxD = (1 - w_BxTx1) * h_base_BxTxD + w_BxTx1 * h_thought_BxTxD
-        return cache, (rows_in_chunks(target_logp, chunk, h_mix_BxTxD, target_BxT), w_BxT.astype(jnp.float32))
+        return cache, (rows_in_chunks(talk_out, chunk, h_mix_BxTxD, target_BxT), w_BxT.astype(jnp.float32))
 
     talk_steps_C = jnp.arange(qs.n_ahead - 1, qs.n_ahead - 1 + c_talk, dtype=jnp.int32)
-    _, (talk_logp_CxBxT, w_CxBxT) = jax.lax.scan(
+    _, (talk_out_C, w_CxBxT) = jax.lax.scan(
         talk_step, cache, (talk_steps_C, talk_inputs_CxBxTxD, h_base_CxBxTxD, targets_CxBxT)
     )
+    talk_logp_CxBxT, talk_logdist_BxPxNxV = talk_out_C, None
+    if talk_distribution:
+        talk_logp_CxBxT, logdist_CxBxTxV = talk_out_C
+        talk_logdist_BxPxNxV = logdist_CxBxTxV[0].reshape(b, p, n, -1)
     per_pass = lambda x_xBxT: x_xBxT.reshape(x_xBxT.shape[:2] + (p, n))
     return Rollout(
         base_logp_BxN=base_logp_BxN,
@@ -437,6 +453,7 @@ def rollout(
         sample_logp_SxBxPxN=per_pass(sample_logp_SxBxT),
         talk_logp_CxBxPxN=per_pass(talk_logp_CxBxT),
         mixing_weight_CxBxPxN=per_pass(w_CxBxT),
+        talk_logdist_BxPxNxV=talk_logdist_BxPxNxV,
     )
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qstar_jax import checkpoint, curriculum, data, flops, hf, ntp, paths, sharding
+from qstar_jax import checkpoint, curriculum, data, flops, hf, ntp, paths, run_lock, sharding
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.evaluate import Evaluator
@@ -240,8 +240,9 @@ def params_shape_fn(model_config: ModelConfig, qs: QuietStarConfig | None):
     return params
 
 
-def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
-    """The NTP stage's frozen thinking teacher, as `(tokens, segments, rng) -> NLL_T` (A x B x N)."""
+def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding, student_vocab: int):
+    """The NTP stage's frozen thinking teacher, as `(tokens, segments, rng) -> signal`: NLL_T
+    (A x B x N), or for ntp.form "kl" its distribution over the student's vocab (A x B x N x V)."""
     path = cfg.ntp.teacher
     if not path or not checkpoint.is_training_dir(path):
         raise UserError(f"method=ntp needs ntp.teacher = a Quiet-STaR training directory, got {path!r}")
@@ -249,9 +250,11 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding):
     if qs is None:
         raise UserError(f"ntp.teacher {path} is a plain LM run; the teacher must think (method=quiet_star)")
     shardings = jax.tree.map(lambda x: x.sharding, params)
-    nll = jax.jit(functools.partial(ntp.teacher_nll_batches, config, ntp.teacher_config(qs, ntp_config(cfg))),
-                  in_shardings=(shardings, batch_sharding, batch_sharding, None), out_shardings=batch_sharding)
-    return lambda tokens, segments, rng: nll(params, tokens, segments, rng)
+    knobs = ntp_config(cfg)
+    signal = jax.jit(functools.partial(ntp.teacher_batches, config, ntp.teacher_config(qs, knobs),
+                                       student_vocab=student_vocab if knobs.form == "kl" else None),
+                     in_shardings=(shardings, batch_sharding, batch_sharding, None), out_shardings=batch_sharding)
+    return lambda tokens, segments, rng: signal(params, tokens, segments, rng)
 
 
 # The settings besides the architecture that decide what a run computes; a checkpoint
@@ -469,11 +472,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = F
     if cfg.init_from and not has_started(workdir) and not paths.path(cfg.init_from).is_dir():
         raise UserError(f"init_from directory does not exist: {cfg.init_from} (convert a HF checkpoint with "
                         f"python -m qstar_jax.convert --hf-checkpoint HF_DIR --output {cfg.init_from})")
-    if cfg.curriculum.stages:
-        preempted = Preemption()
-        curriculum.run_chain(cfg, workdir, functools.partial(train_run, preempted=preempted))
-    else:
-        train_run(cfg, workdir)
+    with run_lock.held(workdir):  # one run per workdir, before anything is written there
+        if cfg.curriculum.stages:
+            preempted = Preemption()
+            curriculum.run_chain(cfg, workdir, functools.partial(train_run, preempted=preempted))
+        else:
+            train_run(cfg, workdir)
 
 
 def has_started(workdir: str) -> bool:
@@ -497,7 +501,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     paths.path(workdir).mkdir(parents=True, exist_ok=True)
     ckpt = RunCheckpoints(str(paths.path(workdir) / checkpoint.CHECKPOINTS_DIR), cfg.keep_checkpoints,
                           best_mode=None if selection is None else selection.mode)
-    start_step = ckpt.latest_step()
+    start_step = verified_start(ckpt)
     clock = time.perf_counter()
     documents = data.load_documents(cfg.data)
     train_docs, eval_docs = data.split_documents(documents, cfg.data.eval_documents)
@@ -519,18 +523,18 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
         qs = quiet_star_config(cfg, tokenizer)
         meta = run_meta(model_config, qs, cfg)
         abstract_state, state_shardings = abstract_and_shardings(params_shape_fn(model_config, qs), optimizer, mesh)
-        state = ckpt.restore(start_step, abstract_state, state_shardings, meta, len(train_docs),
-                             cfg.allow_config_change)
+        state, start_step = restore_newest_readable(ckpt, start_step, abstract_state, state_shardings, meta,
+                                                    len(train_docs), cfg.allow_config_change)
         status(f"resumed from step {start_step} in {workdir} ({time.perf_counter() - clock:.1f} s)")
     clock = time.perf_counter()
     batches = Batches(data.Rows(train_docs, tokenizer, cfg.data.seq_len, cfg.seed, cfg.data.packing),
                       cfg.grad_accum, cfg.batch_size, mesh)
     status(f"data: {len(train_docs)} training documents ({'packed' if cfg.data.packing else 'one per row'}), "
            f"{len(eval_docs)} held out (opened in {time.perf_counter() - clock:.1f} s)")
-    teacher = load_teacher(cfg, mesh, batches.sharding) if cfg.method == "ntp" else None
+    teacher = load_teacher(cfg, mesh, batches.sharding, model_config.vocab_size) if cfg.method == "ntp" else None
 
     def inputs_at(source: Batches, step: int, rng_seed: int) -> tuple:
-        """(tokens, segments) of a step, plus the teacher's NLL of them for the NTP student."""
+        """(tokens, segments) of a step, plus the teacher's signal on them for the NTP student."""
         tokens, segments = source(step)
         if teacher is None:
             return tokens, segments
@@ -545,9 +549,12 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     task_sets = parse_eval_tasks(cfg.eval_tasks)
     loss_fn = loss_fn_for(model_config, qs, ntp_config(cfg) if cfg.method == "ntp" else None)
     clock = time.perf_counter()
-    input_dtypes = (jnp.int32, jnp.int32) if teacher is None else (jnp.int32, jnp.int32, jnp.float32)
-    step_fn = compile_step(loss_fn, optimizer, state_shardings, batches.sharding, len(input_dtypes)).lower(
-        state, *(jax.ShapeDtypeStruct(batches.shape, d, sharding=batches.sharding) for d in input_dtypes)).compile()
+    inputs = [jax.ShapeDtypeStruct(batches.shape, jnp.int32, sharding=batches.sharding)] * 2
+    if teacher is not None:  # NLL_T per token, or ("kl") a distribution over the vocabulary per token
+        per_token = (model_config.vocab_size,) if cfg.ntp.form == "kl" else ()
+        inputs.append(jax.ShapeDtypeStruct(batches.shape + per_token, jnp.float32, sharding=batches.sharding))
+    step_fn = compile_step(loss_fn, optimizer, state_shardings, batches.sharding, len(inputs)).lower(
+        state, *inputs).compile()
     status(f"compiled the train step in {time.perf_counter() - clock:.1f} s")
     eval_fn = jax.jit(lambda p, t, v, *x: loss_fn(p, t, v, jax.random.key(cfg.seed + 2), *x)[1])
     log = MetricsLog(workdir, cfg.steps, start_step, cfg.wandb_project, cfg.to_dict())
@@ -569,7 +576,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
             if not np.isfinite(metrics["loss"]):
                 ckpt.wait()
                 raise UserError(f"non-finite loss ({metrics['loss']}) at step {step}; stopped without saving, "
-                                f"last good checkpoint: step {ckpt.latest_step()}")
+                                f"last good checkpoint: step {ckpt.latest_verified_step()}")
             # Steps are dispatched asynchronously; the fetch above waited for all of them.
             now = time.perf_counter()
             steps_per_s = (step - last_log[0]) / (now - last_log[1])
@@ -603,6 +610,41 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     ckpt.wait()
     log.close()
     return True
+
+
+def verified_start(ckpt: checkpoint.TrainCheckpoints) -> int | None:
+    """The newest checkpoint step whose files match its manifest; each newer, corrupt one
+    is moved aside (never deleted) with one line saying why. None: start from scratch."""
+    step = ckpt.latest_step()
+    while step is not None and (problem := ckpt.verify(step)) is not None:
+        step = _set_aside(ckpt, step, f"is corrupt: {problem}")
+    return step
+
+
+def _set_aside(ckpt: checkpoint.TrainCheckpoints, step: int, why: str) -> int:
+    """Moves a bad step aside; the step to resume from instead (refusing to start over)."""
+    where = ckpt.set_aside(step)
+    previous = verified_start(ckpt)
+    if previous is None:
+        raise UserError(f"checkpoint at step {step} {why}; moved to {where}, and no earlier checkpoint is left: "
+                        "start again with a new --workdir")
+    status(f"warning: checkpoint at step {step} {why}; moved to {where}, resuming from step {previous}")
+    return previous
+
+
+def restore_newest_readable(ckpt: RunCheckpoints, step: int, abstract_state, shardings, meta, train_documents: int,
+                            allow_changes: bool) -> tuple[TrainState, int]:
+    """Restores `step`, or the newest earlier step that reads, when Orbax cannot read it (a
+    step without a manifest cannot be checked beforehand). Settings mismatches are not
+    corruption: they stop the run."""
+    while True:
+        try:
+            return ckpt.restore(step, abstract_state, shardings, meta, train_documents, allow_changes), step
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for unreadable files
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            step = _set_aside(ckpt, step, f"is unreadable ({type(e).__name__}: {reason})")
 
 
 class RunCheckpoints(checkpoint.TrainCheckpoints):

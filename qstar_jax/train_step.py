@@ -110,9 +110,9 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 def loss_fn_for(model_config: ModelConfig, qs: QuietStarConfig | None, ntp: NTPConfig | None = None) -> LossFn:
     """(params, tokens, segments, rng, ...) -> (loss, metrics): Quiet-STaR; plain next-token NLL
     when `qs` is None (base-model pretraining, control runs); with `ntp`, the Fast
-    Quiet-STaR NTP student, whose extra input is the teacher's NLL per gold token."""
+    Quiet-STaR NTP student, whose extra input is the teacher's signal (ntp.teacher_batches)."""
     if ntp is not None:
-        return lambda p, t, v, r, teacher_nll: ntp_loss(model_config, ntp, p, t, v, r, teacher_nll)
+        return lambda p, t, v, r, teacher: ntp_loss(model_config, ntp, p, t, v, r, teacher)
     if qs is None:
         return lambda p, t, v, r: next_token_loss(model_config, p, t, v)
     return lambda p, t, v, r: quiet_star_loss(model_config, qs, p, t, v, r)

@@ -68,6 +68,52 @@ def test_ntp_loss_equals_hand_computation(form, clip):
     np.testing.assert_allclose(metrics["teacher_gain"], (nll - t)[mask].mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_kl_form_equals_hand_computation():
+    """form "kl": w * mean KL(p_T || p_S) over real targets, plus the NLL term; the teacher's
+    NLL metric is read off its distribution at the gold token."""
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 11)) * 2
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    mask = jnp.ones((2, 5), bool).at[0, :2].set(False)
+    teacher = jax.nn.log_softmax(jax.random.normal(jax.random.key(2), (2, 5, 11)) * 3)
+    terms = ntp_terms(NTPConfig(form="kl", reward_weight=2.0, nll_weight=0.3), logits, targets, mask, teacher,
+                      jnp.zeros((2, 5)))
+    s, t = _log_softmax(np.asarray(logits, np.float64)), np.asarray(teacher, np.float64)
+    kl = (np.exp(t) * (t - s)).sum(-1)
+    rows, cols = np.indices(targets.shape)
+    nll = -s[rows, cols, np.asarray(targets)]
+    m = np.asarray(mask)
+    np.testing.assert_allclose(float(terms.loss), 2.0 * kl[m].mean() + 0.3 * nll[m].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(terms.nll_teacher), -t[rows, cols, np.asarray(targets)][m].mean(), rtol=1e-5)
+    # Its gradient moves the student's whole distribution toward the teacher's: KL falls.
+    grad = jax.grad(lambda z: ntp_terms(NTPConfig(form="kl"), z, targets, mask, teacher, jnp.zeros((2, 5))).loss)
+    new = np.asarray(logits - 0.5 * grad(logits), np.float64)
+    new_kl = (np.exp(t) * (t - _log_softmax(new))).sum(-1)
+    assert np.all(new_kl[m] < kl[m])
+
+
+def test_kl_teacher_distribution_is_the_post_thought_prediction():
+    """The "kl" teacher's distribution is the one whose gold-token entry is NLL_T (same
+    thoughts), renormalised over the student's vocabulary (the thought ids dropped)."""
+    from test_quiet_star import CONFIGS, QS, VOCAB, make_batch, make_params
+
+    from qstar_jax.ntp import teacher_batches, teacher_config
+
+    config, qs = CONFIGS["llama"], teacher_config(QS, NTPConfig())
+    params = make_params(config)
+    tokens, valid = make_batch()
+    rng = jax.random.key(5)
+    nll = teacher_batches(config, qs, params, tokens[None], valid[None], rng)[0]
+    full = teacher_batches(config, qs, params, tokens[None], valid[None], rng, VOCAB)[0]
+    student = teacher_batches(config, qs, params, tokens[None], valid[None], rng, VOCAB - 2)[0]
+    gold = jnp.take_along_axis(full, jnp.roll(tokens, -1, axis=1)[..., None], -1)[..., 0]
+    target = np.asarray(valid & jnp.roll(valid, -1, axis=1)).copy()
+    target[:, -1] = False
+    np.testing.assert_allclose(np.asarray(-gold)[target], np.asarray(nll)[target], rtol=1e-5)
+    renormalised = full[..., :VOCAB - 2] - jax.nn.logsumexp(full[..., :VOCAB - 2], axis=-1, keepdims=True)
+    np.testing.assert_allclose(student, renormalised, atol=1e-5)
+    assert student.shape == tokens.shape + (VOCAB - 2,)
+
+
 def test_paper_form_pulls_each_token_nll_toward_the_teacher():
     """grad of -sg(NLL_S - NLL_T) log p_S(gold) == grad of 1/2 (NLL_S - NLL_T)^2: the student
     gains probability where the teacher is better and gives it up where it is worse."""
@@ -254,6 +300,26 @@ def test_interrupted_chain_resumes_at_its_stage_and_step(chain, tmp_path):
     _, _, a, _ = checkpoint.load_for_inference(str(root / "straight" / "model"))
     _, _, b, _ = checkpoint.load_for_inference(str(tmp_path / "model"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_kl_student_trains_against_the_teacher_distribution(chain, tmp_path):
+    """ntp.form=kl end to end: the teacher hands the step a distribution per token (B x N x V)
+    and the logged loss is the mean KL (reward_weight 1, no NLL term), positive and finite."""
+    root, _ = chain
+    teacher = root / "straight" / "stages" / "03_think_3_1"
+    data = [f"--config.data.{k}={v}" for k, v in SMALL_DATA.items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "qstar_jax.train", "--config", "experiments/tiny_cpu.py", "--workdir", str(tmp_path),
+         "--config.method=ntp", f"--config.init_from={teacher}", f"--config.ntp.teacher={teacher}",
+         "--config.ntp.form=kl", "--config.steps=2", "--config.checkpoint_every=2", "--config.log_every=1",
+         "--config.eval_every=0", "--config.optimizer.total_steps=2", *data],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=600, check=False)
+    assert_ok(result)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2]
+    for m in logged:
+        assert 0 < m["loss"] == pytest.approx(m["reward"], rel=1e-5) and np.isfinite(m["nll_teacher"])
 
 
 # ------------------------------------------------------------------------------ the NTP model

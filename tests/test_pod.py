@@ -136,6 +136,21 @@ def test_pod_rehearsal_on_a_bucket(tmp_path):
         for expected in ("metrics.jsonl", "model_config.json", "tokenizer/tokenizer.json", "tensorboard/",
                          f"checkpoints/{step + 2}/"):
             assert any(n.startswith(f"{RUN}/{expected}") for n in names), (expected, names[:20])
+        assert f"{RUN}/run.lock" not in names  # released at the end of the run
+        # Each checkpoint's manifest records the bucket's own CRC32C of every object; an object
+        # rewritten afterwards (here: 64 bytes flipped) no longer matches it.
+        newest = f"{RUN}/checkpoints/{step + 2}"
+        recorded = json.loads(_read(env, f"{newest}/manifest.json"))["files"]
+        assert recorded and all(entry["checksum"].startswith("crc32c:") for entry in recorded.values())
+        state_objects = [n for n in names if n.startswith(f"{newest}/state/")]
+        victim = max(state_objects, key=lambda n: recorded[n[len(newest) + 1:]]["bytes"])
+        _upload(env, victim, bytes(b ^ 0xFF if i < 64 else b for i, b in enumerate(_read(env, victim))))
+        check = "from qstar_jax import checkpoint as c; import sys; print(c.verify_step(c.paths.path(sys.argv[1])))"
+        result = subprocess.run([sys.executable, "-c", check, f"gs://{BUCKET}/{newest}"], cwd=cwd, env=_env(env, 1),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        verdict = result.stdout.strip().splitlines()[-1]
+        assert verdict.startswith(victim[len(newest) + 1:] + " does not match its checksum (crc32c:"), verdict
         logged = [json.loads(line) for line in _read(env, f"{RUN}/metrics.jsonl").decode().splitlines()]
         assert max(m["step"] for m in logged) == step + 2
         assert _tensorboard_losses(env, tmp_path / "tensorboard") == {m["step"]: m["loss"] for m in logged if "loss" in m}
@@ -153,6 +168,16 @@ def _tensorboard_losses(env: dict, local_dir) -> dict[int, float]:
     accumulator = EventAccumulator(str(local_dir))
     accumulator.Reload()
     return {e.step: pytest.approx(e.value, rel=1e-6) for e in accumulator.Scalars("loss")}
+
+
+def _upload(env: dict, name: str, data: bytes) -> None:
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    request = urllib.request.Request(f"{env['STORAGE_EMULATOR_HOST']}/upload/storage/v1/b/{BUCKET}/o?{query}",
+                                     data=data, method="POST")
+    urllib.request.urlopen(request).close()
 
 
 def _read(env: dict, name: str) -> bytes:

@@ -114,13 +114,7 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path):
     """2 local processes (jax.distributed, localhost coordinator) == 1 process with 2 devices."""
     reference, short = tmp_path / "reference", ["--config.steps=3", "--config.eval_every=0"]
     assert_ok(run_train(reference, *short, "--config.mesh.data=2", devices=2))
-    port = _free_port()
-    procs = [
-        run_train(tmp_path / "multi", *short, "--config.mesh.data=2", "--config.distributed.mode=on",
-                  f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", wait=False)
-        for i in range(2)
-    ]
+    procs = _two_process_run(tmp_path / "multi", *short)
     for proc in procs:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
@@ -129,6 +123,57 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path):
     assert step_a == step_b == 3
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), params_a, params_b)
     assert train_losses(tmp_path / "multi") == pytest.approx(train_losses(reference), rel=1e-5)
+
+
+def _two_process_run(workdir, *overrides):
+    port = _free_port()
+    return [
+        run_train(workdir, *overrides, "--config.mesh.data=2", "--config.distributed.mode=on",
+                  f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", wait=False)
+        for i in range(2)
+    ]
+
+
+def test_locked_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
+    """Process 0 finds the workdir locked and tells process 1: both exit 2 in one line, and
+    nothing is written."""
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / "run.lock", "w") as holder:
+        holder.write(json.dumps({"host": "elsewhere", "pid": 4242, "started": "earlier"}))
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        procs = _two_process_run(tmp_path, "--config.steps=3")
+        results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=300)) for p in procs]
+    for proc, result in zip(procs, results):
+        result.returncode = proc.returncode
+        assert result.returncode == 2, result.stderr[-3000:]
+    _one_line_error(results[0], "in use by another run", "host elsewhere, pid 4242, started earlier")
+    _one_line_error(results[1], "in use by another run (process 0 says why)")
+    assert sorted(os.listdir(tmp_path)) == ["run.lock"]
+
+
+def test_second_run_on_a_busy_workdir_exits_2_and_the_first_is_intact(tmp_path, tiny_run):
+    """Run B starts while run A (the tiny run's settings) holds the workdir: B exits 2 naming
+    A's pid; A finishes exactly as the tiny run did (same parameters, each step logged once)."""
+    assert_ok(tiny_run[2])
+    first = run_train(tmp_path, wait=False)
+    deadline = time.time() + 120
+    while not os.path.isfile(tmp_path / "run.lock") or f'"pid": {first.pid}' not in (tmp_path / "run.lock").read_text():
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    second = run_train(tmp_path, "--config.seed=7")
+    assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+    _one_line_error(second, f"workdir {tmp_path} is in use by another run", f"pid {first.pid}")
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    _, a = final_params(tiny_run[0])
+    step, b = final_params(tmp_path)
+    assert step == 6
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert [m["step"] for m in metrics(tmp_path)] == [m["step"] for m in metrics(tiny_run[0])]
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=300):
@@ -285,6 +330,72 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, tiny_r
     assert_ok(allowed)
     assert "warning: resuming step 6 with changed settings: seed: 0 -> 3" in allowed.stdout
     assert "7" in os.listdir(tmp_path / "checkpoints")
+
+
+def _largest_state_file(step_dir):
+    files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, "state")) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_bytes(path, count=64):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(count)
+        f.seek(-len(data), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_manifest_names_what_changed_in_a_step(tmp_path):
+    step = tmp_path / "7"
+    (step / "state" / "d").mkdir(parents=True)
+    (step / "state" / "d" / "a").write_bytes(b"x" * 1000)
+    (step / "meta").write_text("{}")
+    checkpoint.write_manifest(step)
+    assert checkpoint.verify_step(step) is None
+    (step / "state" / "d" / "a").write_bytes(b"x" * 999)
+    assert checkpoint.verify_step(step) == "state/d/a has 999 bytes, 1000 when saved"
+    (step / "state" / "d" / "a").write_bytes(b"y" * 1000)
+    assert checkpoint.verify_step(step).startswith("state/d/a does not match its checksum (crc32:")
+    (step / "meta").unlink()
+    assert checkpoint.verify_step(step) == "meta is missing"
+    (step / checkpoint.MANIFEST_FILE).write_text("{trunc")
+    assert checkpoint.verify_step(step) == f"its {checkpoint.MANIFEST_FILE} is unreadable"
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "unreadable_without_manifest"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, tiny_run, damage):
+    """Step 6 damaged: 64 bytes flipped in its largest file (only the manifest can tell), or
+    truncated with no manifest to check (only reading it can tell). The run moves step 6
+    aside with one line naming it, resumes from step 3, and ends bit-identical to the
+    undamaged run."""
+    assert_ok(tiny_run[2])
+    shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
+    ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 10)
+    assert ckpt.verify(3) is None and ckpt.verify(6) is None
+    step6 = str(tmp_path / "checkpoints" / "6")
+    target = _largest_state_file(step6)
+    if damage == "bit_flip":
+        _flip_bytes(target)
+        assert "does not match its checksum" in ckpt.verify(6)
+        assert ckpt.latest_verified_step() == 3  # what the non-finite-loss message names
+        with pytest.raises(UserError, match="checkpoint at step 6 .* is corrupt"):
+            checkpoint.load_for_inference(str(tmp_path))
+    else:
+        os.remove(os.path.join(step6, checkpoint.MANIFEST_FILE))
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) // 3)
+    ckpt.close()
+    resumed = run_train(tmp_path)
+    assert_ok(resumed)
+    why = "is corrupt: state/" if damage == "bit_flip" else "is unreadable ("
+    warning = [line for line in resumed.stdout.splitlines() if line.startswith("warning: checkpoint at step 6")]
+    assert len(warning) == 1 and why in warning[0] and "resuming from step 3" in warning[0], resumed.stdout
+    assert "resumed from step 3" in resumed.stdout
+    assert os.path.isdir(tmp_path / checkpoint.CORRUPT_DIR / "6" / "state")  # kept for inspection
+    _, a = final_params(tiny_run[0])
+    step, b = final_params(tmp_path)
+    assert step == 6
+    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
