@@ -450,6 +450,10 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
         raise UserError(f"eval_every must be >= 0 (0 = never), got {cfg.eval_every}")
     if cfg.data.seq_len < 2:
         raise UserError(f"data.seq_len must be >= 2 (a token and its successor), got {cfg.data.seq_len}")
+    # The option dataclasses check their own values; building them here makes those
+    # checks run before the workdir is locked or anything is written there.
+    dataclass_from(OptimizerConfig, cfg.optimizer)
+    ntp_config(cfg)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False) -> None:

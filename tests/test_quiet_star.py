@@ -214,8 +214,8 @@ def test_logit_chunking_does_not_change_results():
     whole = jit_rollout(config, QS.replace(logits_chunk_rows=0), params, tokens, valid, rng)
     chunked = jit_rollout(config, QS.replace(logits_chunk_rows=8), params, tokens, valid, rng)
     np.testing.assert_array_equal(whole.sampled_SxBxPxN, chunked.sampled_SxBxPxN)
-    for a, b in zip(whole, chunked):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert whole.talk_logdist_BxPxNxV is None  # only asked for by the NTP teacher
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), whole, chunked)
 
 
 def test_layer_remat_and_unroll_do_not_change_gradients():
@@ -281,6 +281,8 @@ def test_packed_documents_do_not_see_each_other():
         rows 0 and 1 of the alone batch."""
         out = {}
         for field in r._fields:
+            if getattr(r, field) is None:  # optional outputs this rollout was not asked for
+                continue
             x = np.asarray(getattr(r, field))
             x = np.moveaxis(x, 0 if field == "base_logp_BxN" else 1, 0)  # rows first
             out[field] = [x[0][..., :la], x[0][..., la:]] if packed_row else [x[0][..., :la], x[1][..., :lb]]
