@@ -16,12 +16,17 @@ sharding when the abstract target carries one, so the same files serve a laptop 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as pylogging
+import shutil
+import warnings
 import zlib
 from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -219,6 +224,53 @@ def verify_step(step_dir: paths.Path) -> str | None:
 
 # ---------------------------------------------------------------------- training checkpoints
 
+# Storage failures a user fixes outside the program (free space, a writable mount), as
+# Orbax and tensorstore word them: their errors are ValueErrors or RuntimeErrors that
+# carry the OS error's text, raised from the background thread that did the write.
+STORAGE_FAILURES = {
+    "No space left on device": "no space left on device",
+    "os_error_code='28'": "no space left on device",
+    "Disk quota exceeded": "disk quota exceeded",
+    "Read-only file system": "read-only file system",
+    "Permission denied": "permission denied",
+}
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """What storage failure (ENOSPC, EDQUOT, EROFS, EACCES) `error` or its causes report, if any."""
+    while error is not None:
+        text = str(error)
+        for signature, name in STORAGE_FAILURES.items():
+            if signature in text:
+                return name
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _StorageFailureLogs(pylogging.Filter):
+    """Drops the logs of a storage failure: each of Orbax's writer threads logs the same
+    ENOSPC with a traceback (through absl), and at exit asyncio logs every write it had
+    not finished; `TrainCheckpoints` reports the failure in one line instead."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        exception = record.exc_info[1] if record.exc_info else None
+        return not (any(signature in record.getMessage() for signature in STORAGE_FAILURES)
+                    or (exception is not None and storage_failure(exception) is not None))
+
+
+def _report_storage_failures_once() -> None:
+    """Installs the filter above (once per process) and silences the warning Python prints
+    at exit for the writes of the failed save it never ran."""
+    for name in ("absl", "asyncio"):
+        logger = pylogging.getLogger(name)
+        if not any(isinstance(f, _StorageFailureLogs) for f in logger.filters):
+            logger.addFilter(_StorageFailureLogs())
+    warnings.filterwarnings("ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning)
+
+
+class CheckpointWriteFailed(UserError):
+    """A save that storage refused (full disk, quota, read-only); earlier steps are intact."""
+
 
 def _selection_value(metrics: dict[str, float]) -> float:
     return metrics[SELECTION_METRIC]
@@ -253,6 +305,7 @@ class TrainCheckpoints:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
+        _report_storage_failures_once()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -294,20 +347,60 @@ class TrainCheckpoints:
                 if step in kept:  # retention may already have removed it
                     write_manifest(self.step_dir(step))
 
+    @contextlib.contextmanager
+    def _storage_failures_named(self, step: int) -> Iterator[None]:
+        """A save that storage refuses ends the run in one line naming the step, the cause
+        and the newest step that is still intact (Orbax writes a step to a temporary
+        directory and renames it when complete, so a failed save leaves earlier steps whole)."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore wrap OS errors in many types
+            if (failure := storage_failure(e)) is None:
+                raise
+            raise self._write_failed(step, failure) from None
+
+    def _write_failed(self, step: int, why: str) -> CheckpointWriteFailed:
+        intact = [s for s in self.manager.all_steps() if s < step]
+        previous = f"step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
+        return CheckpointWriteFailed(f"cannot save checkpoint step {step} in {self.directory}: {why}; {previous}; "
+                                     "fix the storage and rerun the same command to resume")
+
+    def _check_room(self, step: int, state: dict[str, Any]) -> None:
+        """Refuses a save that cannot fit on a local disk before Orbax writes a byte of it.
+
+        A step takes about its arrays' bytes, and the old steps are removed only once the new
+        one is complete. Checking first keeps the failure to one line: a disk that fills
+        in the middle of an asynchronous save also ends in one line (`wait`), but Orbax's
+        writer threads may print tracebacks before it. Buckets have no free space to read.
+        """
+        if paths.is_remote(self.directory):
+            return
+        needed_mib = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) / 2**20  # global: every shard
+        free_mib = shutil.disk_usage(self.directory).free / 2**20 if paths.is_writer() else 0.0
+        if jax.process_count() > 1:  # one decision for every process: a save is a collective
+            from jax.experimental import multihost_utils
+
+            free_mib = float(multihost_utils.broadcast_one_to_all(np.float32(free_mib)))
+        if free_mib < needed_mib:
+            raise self._write_failed(step, f"no space left on device (it needs about {needed_mib:.1f} MiB, "
+                                           f"{free_mib:.1f} MiB free)")
+
     def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any],
              metric: float | None = None) -> None:
         self.wait()  # the previous save's manifest first (Orbax would wait for that save anyway)
+        self._check_room(step, state)
         self._unmanifested.append(step)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            metrics=None if metric is None else {SELECTION_METRIC: metric},
-            force=True,
-        )
+        with self._storage_failures_named(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics=None if metric is None else {SELECTION_METRIC: metric},
+                force=True,
+            )
 
     def metrics(self) -> dict[int, float]:
         """The selection metric of every kept checkpoint that was saved with one."""
@@ -341,8 +434,9 @@ class TrainCheckpoints:
         return restored["state"]["params"], restored["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self._write_manifests()
+        with self._storage_failures_named(max(self._unmanifested, default=0)):
+            self.manager.wait_until_finished()
+            self._write_manifests()
 
     def close(self) -> None:
         self.wait()

@@ -175,18 +175,22 @@ def held(workdir: str) -> Iterator[RunLock]:
     """Holds the workdir's lock for the block. Process 0 takes it and tells every other
     process whether it could, so that all of them stop together when another run holds it."""
     lock = RunLock(workdir)
-    refused: WorkdirLocked | None = None
+    failure: Exception | None = None
     try:
         lock.acquire()
     except WorkdirLocked as e:
-        refused = e
-    if jax.process_count() > 1:
+        failure = e
+    except OSError as e:  # the first write to the workdir: read-only, no permission, full
+        failure = UserError(f"cannot write to --workdir {workdir}: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 -- re-raised below, once every process knows
+        failure = e
+    if jax.process_count() > 1:  # the others would otherwise wait for process 0 at the first collective
         from jax.experimental import multihost_utils
 
-        if int(multihost_utils.broadcast_one_to_all(np.int32(refused is not None))) and refused is None:
-            refused = WorkdirLocked(f"workdir {workdir} is in use by another run (process 0 says why)")
-    if refused is not None:
-        raise refused
+        if int(multihost_utils.broadcast_one_to_all(np.int32(failure is not None))) and failure is None:
+            failure = UserError(f"process 0 could not take the lock of --workdir {workdir} (its error says why)")
+    if failure is not None:
+        raise failure
     try:
         yield lock
     finally:

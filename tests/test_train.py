@@ -6,6 +6,7 @@ import json
 import functools
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -32,12 +33,18 @@ SMALL = [
 ]
 
 
-def run_train(workdir, *overrides, devices=1, env_extra=None, wait=True, config="experiments/tiny_cpu.py"):
+def train_command(workdir, *overrides, devices=1, env_extra=None, config="experiments/tiny_cpu.py"):
+    """(argv, env) of a SMALL training run."""
     env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": forced_devices(devices),
            "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     if "--config.distributed.mode=on" in overrides:
         env = without_compilation_cache(env)
     args = [sys.executable, "-m", "qstar_jax.train", "--config", config, "--workdir", str(workdir), *SMALL, *overrides]
+    return args, env
+
+
+def run_train(workdir, *overrides, devices=1, env_extra=None, wait=True, config="experiments/tiny_cpu.py"):
+    args, env = train_command(workdir, *overrides, devices=devices, env_extra=env_extra, config=config)
     if not wait:
         return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -174,6 +181,102 @@ def test_second_run_on_a_busy_workdir_exits_2_and_the_first_is_intact(tmp_path, 
     assert step == 6
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert [m["step"] for m in metrics(tmp_path)] == [m["step"] for m in metrics(tiny_run[0])]
+
+
+def _in_mount_namespace(script: str) -> None:
+    """Runs a bash script as root of a new user and mount namespace, where it may mount a
+    small tmpfs (to fill it) or remount one read-only; the host's mounts are untouched."""
+    result = subprocess.run(["unshare", "--map-root-user", "--mount", "bash", "-euc", script], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"namespace script failed: {result.stderr[-3000:]}"
+
+
+def _recorded(tmp_path, name: str) -> subprocess.CompletedProcess:
+    """What `_shell_run(tmp_path, name, ...)` recorded inside the namespace."""
+    return subprocess.CompletedProcess(name, int((tmp_path / f"{name}.rc").read_text()),
+                                       (tmp_path / f"{name}.out").read_text(), (tmp_path / f"{name}.err").read_text())
+
+
+def _shell_run(out_dir, name: str, workdir, *overrides, background: bool = False) -> str:
+    """A bash line running a SMALL training with its output and status kept in OUT_DIR/NAME.*."""
+    args, env = train_command(workdir, *overrides)
+    env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k in ("PYTHONPATH", "XLA_FLAGS",
+                                                                                  "JAX_PLATFORMS",
+                                                                                  "JAX_COMPILATION_CACHE_DIR"))
+    out = f"{out_dir}/{name}"
+    line = f"env {env_text} {shlex.join(args)} > {out}.out 2> {out}.err; echo $? > {out}.rc"
+    return f"( set +e; {line} )" + (" &" if background else "")
+
+
+def test_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_survives(tmp_path, tiny_run):
+    """The tiny run (checkpoints 3 and 6) extended to 9 steps on a tmpfs with 200 KiB left:
+    the save of step 9 is refused in one line (exit 2) naming step 6 as intact; nothing of
+    step 9 is left behind, step 6 still verifies, and with room again the same command
+    resumes from step 6."""
+    assert_ok(tiny_run[2])
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    _in_mount_namespace(f"""
+        mount -t tmpfs -o size=16m tmpfs {mnt}
+        cp -a {tiny_run[0]} {mnt}/run
+        mount -o remount,size=$(( $(du -sk {mnt} | cut -f1) + 200 ))k {mnt}
+        {_shell_run(tmp_path, "full", mnt / "run", "--config.steps=9", "--config.checkpoint_every=3")}
+        cp -a {mnt}/run {tmp_path}/after
+    """)
+    full = _recorded(tmp_path, "full")
+    assert full.returncode == 2, full.stderr[-3000:]
+    _one_line_error(full, "cannot save checkpoint step 9", "no space left on device", "step 6 is intact")
+    assert sorted(os.listdir(tmp_path / "after" / "checkpoints")) == ["3", "6"]
+    ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "after" / "checkpoints"), 10)
+    assert ckpt.verify(6) is None
+    ckpt.close()
+    resumed = run_train(tmp_path / "after", "--config.steps=9", "--config.checkpoint_every=3")
+    assert_ok(resumed)
+    assert "resumed from step 6" in resumed.stdout
+
+
+def test_a_disk_that_fills_in_the_middle_of_a_save_is_named_in_one_line(tmp_path):
+    """When the space runs out after the check (another writer), Orbax's background writer
+    fails; `wait` turns its error (a ValueError carrying the OS error) into the same line."""
+    ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 2)
+    error = ValueError("RESOURCE_EXHAUSTED: Error writing \"params/0\" in OCDBT database: Failed to write 1694570 "
+                       "bytes to file 17: No space left on device [os_error_code='28']")
+    ckpt._unmanifested.append(9)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt.manager, "wait_until_finished", lambda: (_ for _ in ()).throw(error))
+        with pytest.raises(checkpoint.CheckpointWriteFailed,
+                           match="cannot save checkpoint step 9 .*: no space left on device; no earlier checkpoint"):
+            ckpt.wait()
+        patch.setattr(ckpt.manager, "wait_until_finished", lambda: (_ for _ in ()).throw(ValueError("other")))
+        with pytest.raises(ValueError, match="other"):  # not a storage failure: ours to see in full
+            ckpt.wait()
+    ckpt.close()
+
+
+def test_read_only_workdir_is_one_line_for_every_process(tmp_path, tiny_run):
+    """A read-only workdir (a finished run, and a new one under a read-only mount) is one
+    line before anything runs; in a two-process run process 0 fails to lock it and process 1
+    stops too instead of waiting for it."""
+    assert_ok(tiny_run[2])
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    port = _free_port()
+    distributed = ["--config.mesh.data=2", "--config.distributed.mode=on",
+                   f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
+    _in_mount_namespace(f"""
+        mount -t tmpfs -o size=16m tmpfs {mnt}
+        cp -a {tiny_run[0]} {mnt}/run
+        mount -o remount,ro {mnt}
+        {_shell_run(tmp_path, "existing", mnt / "run")}
+        {_shell_run(tmp_path, "new", mnt / "new")}
+        {_shell_run(tmp_path, "proc0", mnt / "run", *distributed, "--config.distributed.process_id=0", background=True)}
+        {_shell_run(tmp_path, "proc1", mnt / "run", *distributed, "--config.distributed.process_id=1", background=True)}
+        wait
+    """)
+    _one_line_error(_recorded(tmp_path, "existing"), f"cannot write to --workdir {mnt}/run: Read-only file system")
+    _one_line_error(_recorded(tmp_path, "new"), f"cannot write to --workdir {mnt}/new: Read-only file system")
+    _one_line_error(_recorded(tmp_path, "proc0"), "Read-only file system")
+    _one_line_error(_recorded(tmp_path, "proc1"), "process 0 could not take the lock")
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=300):
