@@ -166,6 +166,7 @@ def _abstract_params(config: ModelConfig) -> Params:
 
 # ---------------------------------------------------------------------------- load / save
 
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on the JSON header
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                       "BOOL": np.bool_}
@@ -183,11 +184,25 @@ class SafetensorsFile:
     def __init__(self, file: str):
         self.file = file
         with paths.path(file).open("rb") as f:
-            size = int(np.frombuffer(f.read(8), np.uint64)[0])
-            header = json.loads(f.read(size))
+            length = f.read(8)
+            size = int(np.frombuffer(length, np.uint64)[0]) if len(length) == 8 else -1
+            raw = f.read(size) if 0 < size <= MAX_HEADER_BYTES else b""
+        try:
+            header = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{file} is not a readable safetensors file (its header is truncated or corrupt)") from None
         self.data_start = 8 + size
         header.pop("__metadata__", None)
         self.header = header
+        self._check_size(paths.path(file).stat().length - self.data_start)
+
+    def _check_size(self, data_bytes: int) -> None:
+        """A file cut short (an interrupted download) would fail at the first tensor past the
+        cut, deep in a conversion: compare the header's byte ranges with the file once."""
+        end = max((info["data_offsets"][1] for info in self.header.values()), default=0)
+        if data_bytes < end:
+            raise UserError(f"{self.file} is truncated: its header describes {end} bytes of tensors, "
+                            f"the file holds {data_bytes}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
@@ -215,7 +230,10 @@ def _tensor_files(path: str) -> dict[str, SafetensorsFile]:
         raise UserError(f"not a directory: {path}")
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            raise UserError(f"{index_path} is not a safetensors index (JSON with a weight_map)") from None
         files = {file: SafetensorsFile(str(directory / file)) for file in sorted(set(weight_map.values()))}
         return {name: files[file] for name, file in weight_map.items()}
     if (directory / "model.safetensors").is_file():
@@ -228,7 +246,13 @@ def read_hf_config(path: str) -> dict[str, Any]:
     config_path = paths.path(path) / "config.json"
     if not config_path.is_file():
         raise UserError(f"{path} is not a Hugging Face checkpoint: config.json is missing")
-    return json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} is not a JSON object")
+    return config
 
 
 # read(hf_name, index in HF layout) -> that slice of the tensor, as numpy
@@ -258,11 +282,11 @@ def _check_names(config: ModelConfig, entries: list, names: set[str], source: st
 def _check_shapes(config: ModelConfig, entries: list, shapes: dict[str, tuple[int, ...]], abstract: Params) -> None:
     for hf_name, path_, transform, per_layer in entries:
         layer_names = [hf_name.format(i=i) for i in range(config.num_layers)] if per_layer else [hf_name]
-        mapped = tuple(reversed(shapes[layer_names[0]])) if transform == "linear" else shapes[layer_names[0]]
-        mapped = ((len(layer_names),) if per_layer else ()) + mapped
-        want = _get_path(abstract, path_).shape
-        if mapped != want or any(shapes[n] != shapes[layer_names[0]] for n in layer_names):
-            raise UserError(f"tensor {hf_name} has shape {mapped} after mapping, expected {want}")
+        want = _get_path(abstract, path_).shape[1 if per_layer else 0:]  # one layer's
+        want_hf = tuple(reversed(want)) if transform == "linear" else want
+        for name in layer_names:
+            if tuple(shapes[name]) != want_hf:
+                raise UserError(f"tensor {name} has shape {tuple(shapes[name])}, expected {want_hf} for this config")
 
 
 def params_from_hf_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], read: SliceReader,

@@ -76,6 +76,43 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "is not a qstar_jax model directory" in result.stderr
 
 
+def _truncate(path, keep):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:keep(len(data))])
+
+
+def _shorten_one_layer(path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("config_cut", "config.json is not valid JSON (Unterminated string"),
+    ("weights_cut", "model.safetensors is truncated: its header describes"),
+    ("header_cut", "model.safetensors is not a readable safetensors file"),
+    ("one_layer_shape", "tensor model.layers.1.mlp.up_proj.weight has shape (127, 64), expected (128, 64)"),
+])
+def test_damaged_hf_checkpoint_is_one_line(tmp_path, capsys, damage, message):
+    """What an interrupted download or a hand-edited checkpoint looks like: one line naming
+    the file or the tensor (layer 1 only: the other layers are right), exit 2, no output."""
+    make_tiny_hf_model("llama_untied", str(tmp_path / "hf"))  # intermediate 128, hidden 64
+    weights, config = tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json"
+    {"config_cut": lambda: _truncate(config, lambda n: n // 2),
+     "weights_cut": lambda: _truncate(weights, lambda n: n // 2),
+     "header_cut": lambda: _truncate(weights, lambda n: 20),
+     "one_layer_shape": lambda: _shorten_one_layer(weights)}[damage]()
+    capsys.readouterr()  # transformers' progress bars while saving the model
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["--hf-checkpoint", str(tmp_path / "hf"), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_wrong_architecture_params_are_refused(tmp_path):
     """A model dir whose params do not fit its config (e.g. copied from another model) fails clearly."""
     make_tiny_hf_model("llama_untied", str(tmp_path / "a"))
