@@ -187,7 +187,11 @@ def held(workdir: str) -> Iterator[RunLock]:
     if jax.process_count() > 1:  # the others would otherwise wait for process 0 at the first collective
         from jax.experimental import multihost_utils
 
-        if int(multihost_utils.broadcast_one_to_all(np.int32(failure is not None))) and failure is None:
+        code = 0 if failure is None else 1 if isinstance(failure, WorkdirLocked) else 2
+        code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+        if code == 1 and failure is None:
+            failure = WorkdirLocked(f"workdir {workdir} is in use by another run (process 0 says why)")
+        elif code == 2 and failure is None:
             failure = UserError(f"process 0 could not take the lock of --workdir {workdir} (its error says why)")
     if failure is not None:
         raise failure
