@@ -61,6 +61,10 @@ class Variant(NamedTuple):
     working_marker: str  # what the reference row prompts with: the marker that opens the working
     policy_loss_weight: float  # of the Quiet-STaR arms (the policy-off arm has 0)
 
+    @property
+    def markers(self) -> tuple[str, str]:
+        return self.table_start, self.table_end
+
 
 VARIANTS = {
     # "---" always opens the working: thoughts are right from the start (docs/toy_experiment.md).
@@ -256,23 +260,23 @@ def caption(results: dict) -> str:
             f"(`{results['command']}`).")
 
 
-def read_readme(path: str, variant: Variant) -> str:
-    """The README text, checked for the variant's table markers (before an hour of training)."""
+def read_readme(path: str, markers: tuple[str, str]) -> str:
+    """The README text, checked for a study's table markers (before an hour of training)."""
+    start, end = markers
     try:
         with open(path) as f:
             readme = f.read()
     except FileNotFoundError:
         raise UserError(f"README to update not found: {path} (pass --readme '' for none)") from None
-    if variant.table_start not in readme or variant.table_end not in readme:
-        raise UserError(f"{path} has no {variant.table_start} ... {variant.table_end} markers to put the table "
-                        "between (pass --readme '' for none)")
+    if start not in readme or end not in readme:
+        raise UserError(f"{path} has no {start} ... {end} markers to put the table between (pass --readme '' for none)")
     return readme
 
 
-def update_readme(path: str, text: str, variant: Variant) -> None:
-    start, end = variant.table_start, variant.table_end
-    readme = read_readme(path, variant)
-    head, rest = readme.split(start, 1)
+def update_readme(path: str, text: str, markers: tuple[str, str]) -> None:
+    """Replaces what lies between a study's markers in `path` with `text`."""
+    start, end = markers
+    head, rest = read_readme(path, markers).split(start, 1)
     _, tail = rest.split(end, 1)
     with open(path, "w") as f:
         f.write(f"{head}{start}\n{text}\n{end}{tail}")
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.set_verbosity(logging.ERROR)  # Orbax warns about every checkpoint it reads
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.readme:
-        read_readme(args.readme, VARIANTS[args.variant])
+        read_readme(args.readme, VARIANTS[args.variant].markers)
     results = study(args.workdir, args.variant, args.seeds, args.n_ahead, args.smoke)
     results["command"] = "python -m qstar_jax.toy_study " + " ".join(sys.argv[1:] if argv is None else argv)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     text = f"{table(results)}\n\n{caption(results)}"
     print(text)
     if args.readme:
-        update_readme(args.readme, text, VARIANTS[args.variant])
+        update_readme(args.readme, text, VARIANTS[args.variant].markers)
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")

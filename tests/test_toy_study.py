@@ -230,12 +230,12 @@ def test_each_variant_writes_between_its_own_markers(tmp_path):
     readme = tmp_path / "README.md"
     aside = VARIANTS["aside"]
     readme.write_text(f"a\n{TABLE_START}\nold 1\n{TABLE_END}\nb\n{aside.table_start}\nold 2\n{aside.table_end}\nc\n")
-    update_readme(str(readme), "new 2", aside)
+    update_readme(str(readme), "new 2", aside.markers)
     assert readme.read_text() == (f"a\n{TABLE_START}\nold 1\n{TABLE_END}\nb\n{aside.table_start}\nnew 2\n"
                                   f"{aside.table_end}\nc\n")
     readme.write_text("no markers\n")
     with pytest.raises(UserError, match="has no <!-- toy-study-aside-table:start -->"):
-        update_readme(str(readme), "x", aside)
+        update_readme(str(readme), "x", aside.markers)
     # The study checks the README before it trains anything.
     result = subprocess.run([sys.executable, "-m", "qstar_jax.toy_study", "--variant", "aside", "--workdir",
                              str(tmp_path / "w"), "--readme", str(readme)], cwd=REPO, capture_output=True, text=True,
@@ -243,7 +243,7 @@ def test_each_variant_writes_between_its_own_markers(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {readme} has no <!-- toy-study-aside")
     assert not (tmp_path / "w").exists()
     for variant in VARIANTS.values():  # each study's default command can rewrite the repo's README
-        read_readme(os.path.join(REPO, "README.md"), variant)
+        read_readme(os.path.join(REPO, "README.md"), variant.markers)
 
 
 def test_smoke_study_writes_table_plot_results_and_scores_checkpoints(tmp_path):
