@@ -43,6 +43,9 @@ TEACHER_STEPS = STUDENT_STEPS = 200
 # teacher's working away); the students train at 1e-3.
 STUDENT_LR = 1e-3
 FORMS = ("paper", "code", "kl")
+# The code form as the public code runs it: rewards clamped at 0. Every form keeps weight 1
+# and the students' learning rate (the public code's 1e6 pairs with its lr 1e-6).
+FORM_OVERRIDES = {"code": ["--config.ntp.clip_negative_rewards=True"]}
 MARKERS = ("<!-- toy-ntp-table:start -->", "<!-- toy-ntp-table:end -->")
 DEFAULT_PLOT = "docs/toy_ntp_study.png"
 SPEED_TOKENS = 64
@@ -77,7 +80,7 @@ def arm_runs(seeds: list[int], base_model: str, workdir: str) -> list[dict]:
         for form in FORMS:
             runs.append({"arm": f"student_{form}", "seed": seed, "name": f"student_{form}_seed{seed}",
                          "overrides": ["--config.method=ntp", f"--config.ntp.teacher={teacher}",
-                                       f"--config.ntp.form={form}", *from_teacher]})
+                                       f"--config.ntp.form={form}", *FORM_OVERRIDES.get(form, []), *from_teacher]})
     for run in runs:
         run["overrides"] = [*COMMON, f"--config.seed={run['seed']}", *run["overrides"]]
     return runs

@@ -39,6 +39,7 @@ def test_students_start_from_their_seeds_teacher_and_the_control_trains_as_long_
         assert _value(student, "init_from") == _value(student, "ntp.teacher") == "/w/teacher_seed1"
         assert int(_value(student, "steps")) == toy_ntp_study.STUDENT_STEPS
         assert _value(student, "seed") == "1"
+        assert _value(student, "ntp.clip_negative_rewards") == ("True" if form == "code" else None)
     assert _value(by_name["lm_from_teacher_seed0"], "init_from") == "/w/teacher_seed0"
     assert _value(by_name["lm_from_teacher_seed0"], "ntp.teacher") is None
 
