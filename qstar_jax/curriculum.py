@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,12 +139,10 @@ def stage_config(cfg: ml_collections.ConfigDict, stage: Stage, init: tuple[str, 
     return c
 
 
-def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, float]:
-    """Inference cost of a checkpoint: forward passes and measured tokens/s per generated token.
-
-    Greedy decoding of `new_tokens` after a fixed prompt (batch 1), thinking if the model
-    thinks; the median of BENCH_REPEATS timed runs after one compiling run.
-    """
+def generation_runner(path: str, step: int | None, new_tokens: int) -> tuple[Callable[[], None], int]:
+    """(run, forward passes per generated token) for a checkpoint: `run()` decodes
+    `new_tokens` greedily after a fixed prompt (batch 1), thinking if the model thinks, and
+    waits for the result. Its first call compiles."""
     config, qs, params, tokenizer = checkpoint.load_for_inference(path, step)
     ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(BENCH_PROMPT)
     prompt_1xT = jnp.asarray([ids], jnp.int32)
@@ -154,16 +152,27 @@ def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, float]:
         jax.block_until_ready(generate(config, qs, params, prompt_1xT, valid_1xT, jax.random.key(0), new_tokens,
                                        0.0, qs is not None))
 
+    # decode.py: a thinking token costs n_ahead decode steps (n_ahead - 1 thought inputs + itself)
+    return run, qs.n_ahead if qs is not None else 1
+
+
+def speed_record(new_tokens: int, times: list[float], forward_passes: int) -> dict[str, Any]:
+    return {"forward_passes_per_token": forward_passes,
+            "tokens_per_s": round(new_tokens / statistics.median(times), 1),
+            "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times]}
+
+
+def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, Any]:
+    """Inference cost of a checkpoint: forward passes and measured tokens/s per generated
+    token; the median of BENCH_REPEATS timed runs after one compiling run."""
+    run, forward_passes = generation_runner(path, step, new_tokens)
     run()
     times = []
     for _ in range(BENCH_REPEATS):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    # decode.py: a thinking token costs n_ahead decode steps (n_ahead - 1 thought inputs + itself)
-    return {"forward_passes_per_token": qs.n_ahead if qs is not None else 1,
-            "tokens_per_s": round(new_tokens / statistics.median(times), 1),
-            "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times]}
+    return speed_record(new_tokens, times, forward_passes)
 
 
 def _write_json(path: paths.PathLike, value: Any) -> None:

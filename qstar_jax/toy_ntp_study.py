@@ -139,7 +139,7 @@ def caption(results: dict) -> str:
             f"teacher {TEACHER_STEPS} Quiet-STaR steps from the base, students {STUDENT_STEPS} steps from the "
             f"teacher, control {TEACHER_STEPS + STUDENT_STEPS} steps from the base; seeds "
             f"{', '.join(map(str, results['seeds']))}; chance accuracy 0.100. Decoding: greedy, batch 1, "
-            f"{SPEED_TOKENS} new tokens, median of {curriculum.BENCH_REPEATS} runs (seed "
+            f"{SPEED_TOKENS} new tokens, median of {curriculum.BENCH_REPEATS} alternating runs (seed "
             f"{results['seeds'][0]}'s runs; a student has the base model's architecture). Whole study: "
             f"{results['wall_s'] / 60:.1f} min on this machine (`{results['command']}`).")
 
@@ -173,6 +173,22 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def decoding_speeds(models: dict[str, str]) -> dict[str, dict]:
+    """Greedy decoding speed of each model's newest checkpoint, timed in alternation (every
+    model once per round, BENCH_REPEATS rounds, after a compiling run each) so that a change
+    in the machine's load falls on all of them alike; the median per model."""
+    runners = {arm: curriculum.generation_runner(path, None, SPEED_TOKENS) for arm, path in models.items()}
+    for run, _ in runners.values():
+        run()
+    times: dict[str, list[float]] = {arm: [] for arm in runners}
+    for _ in range(curriculum.BENCH_REPEATS):
+        for arm, (run, _) in runners.items():
+            start = time.perf_counter()
+            run()
+            times[arm].append(time.perf_counter() - start)
+    return {arm: curriculum.speed_record(SPEED_TOKENS, times[arm], passes) for arm, (_, passes) in runners.items()}
+
+
 def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -200,9 +216,8 @@ def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
     results["summary"] = aggregate(results)
     results["gain_kept"] = gain_kept(results["summary"])
     first = seeds[0]
-    timed = {"base": base_model, "teacher": os.path.join(workdir, f"teacher_seed{first}"),
-             "student_paper": os.path.join(workdir, f"student_paper_seed{first}")}
-    results["speed"] = {arm: curriculum.generation_speed(path, None, SPEED_TOKENS) for arm, path in timed.items()}
+    results["speed"] = decoding_speeds({"base": base_model, "teacher": os.path.join(workdir, f"teacher_seed{first}"),
+                                        "student_paper": os.path.join(workdir, f"student_paper_seed{first}")})
     results["wall_s"] = time.perf_counter() - start
     return results
 
