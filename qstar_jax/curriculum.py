@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

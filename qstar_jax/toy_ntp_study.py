@@ -12,8 +12,8 @@
    the teacher's LM trained on without a teacher for the same steps (what a student gets
    from its initialisation alone);
 3. scores every checkpoint on held-out test problems (answer accuracy and NLL; the
-   teacher thinks, nothing else does) and times greedy decoding of the base, the teacher
-   and a student;
+   teacher thinks, and how often its thought is the working; nothing else thinks) and
+   times greedy decoding of the base, the teacher and a student;
 4. writes WORKDIR/results.json, the README table and the plot.
 
 docs/toy_experiment.md ("Fast Quiet-STaR NTP") gives the design and the verdict.
@@ -22,7 +22,6 @@ docs/toy_experiment.md ("Fast Quiet-STaR NTP") gives the design and the verdict.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from qstar_jax import checkpoint, curriculum, toy_reasoning
 from qstar_jax.errors import exit_on_user_error
 from qstar_jax.toy_eval import answer_metrics, explicit_accuracy
 from qstar_jax.toy_study import (ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED,
-                                 export_base, read_readme, summarise, train, update_readme)
+                                 export_base, int_list, publish, read_readme, score_run, summarise, train)
 
 NUM_OPS = 3  # a 2-layer model answers 0.27 of 3-op chains without working, all of them with it
 TEACHER_STEPS = STUDENT_STEPS = 200
@@ -84,18 +83,6 @@ def arm_runs(seeds: list[int], base_model: str, workdir: str) -> list[dict]:
     for run in runs:
         run["overrides"] = [*COMMON, f"--config.seed={run['seed']}", *run["overrides"]]
     return runs
-
-
-def score_run(run_dir: str, items, seed: int) -> dict[int, dict]:
-    """Answer metrics at every checkpoint; a run thinks only if it is a thinking model."""
-    ckpt = checkpoint.TrainCheckpoints(os.path.join(run_dir, checkpoint.CHECKPOINTS_DIR), keep=1_000_000)
-    steps = sorted(ckpt.manager.all_steps())
-    ckpt.close()
-    curve = {}
-    for step in steps:
-        config, qs, params, tokenizer = checkpoint.load_for_inference(run_dir, step)
-        curve[step] = answer_metrics(config, qs, params, tokenizer, items, thinking=qs is not None, seed=seed)
-    return curve
 
 
 def gain_kept(summary: dict) -> dict:
@@ -225,16 +212,12 @@ def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qstar_jax.toy_ntp_study", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/toy_ntp_study")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the teacher, control and students")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2],
+                        help="comma-separated seeds of the teacher, control and students")
     parser.add_argument("--readme", default="README.md", help="file whose NTP table to replace ('' = none)")
     parser.add_argument("--plot", default=DEFAULT_PLOT)
     parser.add_argument("--smoke", action="store_true", help="a miniature for the tests (its numbers mean nothing)")
-    args = parser.parse_args(argv)
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error("--seeds takes comma-separated integers")
-    return args
+    return parser.parse_args(argv)
 
 
 @exit_on_user_error
@@ -248,14 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         read_readme(args.readme, MARKERS)
     results = study(args.workdir, args.seeds, args.smoke)
     results["command"] = " ".join(["python -m qstar_jax.toy_ntp_study", *argv])
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    text = f"{table(results)}\n\n{caption(results)}"
-    print(text)
-    if args.readme:
-        update_readme(args.readme, text, MARKERS)
+    publish(results, args.workdir, f"{table(results)}\n\n{caption(results)}", args.readme, MARKERS,
+            lambda: plot(results, args.plot) if args.plot else None)
     if args.plot:
-        plot(results, args.plot)
         print(f"plot: {args.plot}")
 
 

@@ -34,7 +34,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -373,20 +373,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", default="runs/toy_study")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="written",
                         help="written: '---' always opens the working; aside: only some of the time")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the continued-training arms")
-    parser.add_argument("--n-ahead", help="comma-separated thought lengths (n_ahead); default: the variant's")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2],
+                        help="comma-separated seeds of the continued-training arms")
+    parser.add_argument("--n-ahead", type=int_list, help="comma-separated thought lengths (n_ahead); default: the variant's")
     parser.add_argument("--readme", default="README.md", help="file whose toy-study table to replace ('' = none)")
     parser.add_argument("--plot", help="default: the variant's, under docs/")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long miniature (for tests)")
     args = parser.parse_args(argv)
     variant = VARIANTS[args.variant]
     args.plot = variant.plot if args.plot is None else args.plot
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-        args.n_ahead = [int(s) for s in (args.n_ahead or variant.n_ahead).split(",")]
-    except ValueError:
-        parser.error("--seeds and --n-ahead take comma-separated integers")
+    args.n_ahead = args.n_ahead or int_list(variant.n_ahead)
     return args
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of a comma-separated list of integers (`0,1,2`)."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 @exit_on_user_error
@@ -399,15 +404,22 @@ def main(argv: list[str] | None = None) -> None:
         read_readme(args.readme, VARIANTS[args.variant].markers)
     results = study(args.workdir, args.variant, args.seeds, args.n_ahead, args.smoke)
     results["command"] = "python -m qstar_jax.toy_study " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    text = f"{table(results)}\n\n{caption(results)}"
-    print(text)
-    if args.readme:
-        update_readme(args.readme, text, VARIANTS[args.variant].markers)
+    publish(results, args.workdir, f"{table(results)}\n\n{caption(results)}", args.readme,
+            VARIANTS[args.variant].markers, lambda: plot(results, args.plot) if args.plot else None)
     if args.plot:
-        plot(results, args.plot)
         print(f"plot: {args.plot}")
+
+
+def publish(results: dict, workdir: str, text: str, readme: str, markers: tuple[str, str],
+            draw: Callable[[], None]) -> None:
+    """A study's outputs: WORKDIR/results.json, the table printed and put between the README's
+    markers (unless `readme` is ''), and the plot (`draw`)."""
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(text)
+    if readme:
+        update_readme(readme, text, markers)
+    draw()
 
 
 if __name__ == "__main__":
