@@ -156,23 +156,29 @@ def generation_runner(path: str, step: int | None, new_tokens: int) -> tuple[Cal
     return run, qs.n_ahead if qs is not None else 1
 
 
-def speed_record(new_tokens: int, times: list[float], forward_passes: int) -> dict[str, Any]:
-    return {"forward_passes_per_token": forward_passes,
-            "tokens_per_s": round(new_tokens / statistics.median(times), 1),
-            "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times]}
+def generation_speeds(checkpoints: dict[str, tuple[str, int | None]], new_tokens: int) -> dict[str, dict[str, Any]]:
+    """Inference cost of checkpoints {name: (path, step)}: forward passes and measured
+    tokens/s per generated token. After one compiling run each, BENCH_REPEATS rounds time
+    every checkpoint once, in turn, so that a change in the machine's load falls on all of
+    them alike; the median per checkpoint. All of them are loaded at once (small models)."""
+    runners = {name: generation_runner(path, step, new_tokens) for name, (path, step) in checkpoints.items()}
+    for run, _ in runners.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(BENCH_REPEATS):
+        for name, (run, _) in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"forward_passes_per_token": passes,
+                   "tokens_per_s": round(new_tokens / statistics.median(times[name]), 1),
+                   "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times[name]]}
+            for name, (_, passes) in runners.items()}
 
 
 def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, Any]:
-    """Inference cost of a checkpoint: forward passes and measured tokens/s per generated
-    token; the median of BENCH_REPEATS timed runs after one compiling run."""
-    run, forward_passes = generation_runner(path, step, new_tokens)
-    run()
-    times = []
-    for _ in range(BENCH_REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return speed_record(new_tokens, times, forward_passes)
+    """`generation_speeds` of one checkpoint (one at a time keeps a large model's chain in memory)."""
+    return generation_speeds({path: (path, step)}, new_tokens)[path]
 
 
 def _write_json(path: paths.PathLike, value: Any) -> None:

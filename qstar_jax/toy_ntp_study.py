@@ -160,22 +160,6 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def decoding_speeds(models: dict[str, str]) -> dict[str, dict]:
-    """Greedy decoding speed of each model's newest checkpoint, timed in alternation (every
-    model once per round, BENCH_REPEATS rounds, after a compiling run each) so that a change
-    in the machine's load falls on all of them alike; the median per model."""
-    runners = {arm: curriculum.generation_runner(path, None, SPEED_TOKENS) for arm, path in models.items()}
-    for run, _ in runners.values():
-        run()
-    times: dict[str, list[float]] = {arm: [] for arm in runners}
-    for _ in range(curriculum.BENCH_REPEATS):
-        for arm, (run, _) in runners.items():
-            start = time.perf_counter()
-            run()
-            times[arm].append(time.perf_counter() - start)
-    return {arm: curriculum.speed_record(SPEED_TOKENS, times[arm], passes) for arm, (_, passes) in runners.items()}
-
-
 def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -203,8 +187,9 @@ def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
     results["summary"] = aggregate(results)
     results["gain_kept"] = gain_kept(results["summary"])
     first = seeds[0]
-    results["speed"] = decoding_speeds({"base": base_model, "teacher": os.path.join(workdir, f"teacher_seed{first}"),
-                                        "student_paper": os.path.join(workdir, f"student_paper_seed{first}")})
+    timed = {"base": base_model, "teacher": os.path.join(workdir, f"teacher_seed{first}"),
+             "student_paper": os.path.join(workdir, f"student_paper_seed{first}")}
+    results["speed"] = curriculum.generation_speeds({arm: (path, None) for arm, path in timed.items()}, SPEED_TOKENS)
     results["wall_s"] = time.perf_counter() - start
     return results
 
@@ -231,10 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         read_readme(args.readme, MARKERS)
     results = study(args.workdir, args.seeds, args.smoke)
     results["command"] = " ".join(["python -m qstar_jax.toy_ntp_study", *argv])
-    publish(results, args.workdir, f"{table(results)}\n\n{caption(results)}", args.readme, MARKERS,
-            lambda: plot(results, args.plot) if args.plot else None)
-    if args.plot:
-        print(f"plot: {args.plot}")
+    publish(results, args.workdir, f"{table(results)}\n\n{caption(results)}", args.readme, MARKERS, plot, args.plot)
 
 
 if __name__ == "__main__":

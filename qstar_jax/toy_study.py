@@ -405,21 +405,21 @@ def main(argv: list[str] | None = None) -> None:
     results = study(args.workdir, args.variant, args.seeds, args.n_ahead, args.smoke)
     results["command"] = "python -m qstar_jax.toy_study " + " ".join(sys.argv[1:] if argv is None else argv)
     publish(results, args.workdir, f"{table(results)}\n\n{caption(results)}", args.readme,
-            VARIANTS[args.variant].markers, lambda: plot(results, args.plot) if args.plot else None)
-    if args.plot:
-        print(f"plot: {args.plot}")
+            VARIANTS[args.variant].markers, plot, args.plot)
 
 
 def publish(results: dict, workdir: str, text: str, readme: str, markers: tuple[str, str],
-            draw: Callable[[], None]) -> None:
+            draw: Callable[[dict, str], None], plot_path: str) -> None:
     """A study's outputs: WORKDIR/results.json, the table printed and put between the README's
-    markers (unless `readme` is ''), and the plot (`draw`)."""
+    markers (unless `readme` is ''), and `draw(results, plot_path)` (unless it is '')."""
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(text)
     if readme:
         update_readme(readme, text, markers)
-    draw()
+    if plot_path:
+        draw(results, plot_path)
+        print(f"plot: {plot_path}")
 
 
 if __name__ == "__main__":
