@@ -73,8 +73,9 @@ def forget_after(cache: KVCache, length: jax.Array, next_position_B: jax.Array) 
     return cache._replace(valid_BxS=cache.valid_BxS & keep_S, length=length, next_position_B=next_position_B)
 
 
-def mixed_logits(config: ModelConfig, params: Params, h_base_BxD: jax.Array, h_thought_BxD: jax.Array) -> jax.Array:
-    w_B = mixing_head_module(config).apply({"params": params["mixing_head"]}, h_base_BxD, h_thought_BxD)
+def mixed_logits(config: ModelConfig, qs: QuietStarConfig, params: Params, h_base_BxD: jax.Array,
+                 h_thought_BxD: jax.Array) -> jax.Array:
+    w_B = mixing_head_module(config, qs).apply({"params": params["mixing_head"]}, h_base_BxD, h_thought_BxD)
     w_Bx1 = w_B[:, None].astype(h_base_BxD.dtype)
     return lm_head(config, params["lm"], (1 - w_Bx1) * h_base_BxD + w_Bx1 * h_thought_BxD)
 
@@ -96,7 +97,7 @@ def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, key, think
         # afterwards (rather than thinking on a copy) keeps the cache a single buffer.
         h_thought_BxD, thought_BxS, thought_cache = think(config, qs, params, cache, key)
         cache = forget_after(thought_cache, cache.length, cache.next_position_B)
-        logits_BxV = mixed_logits(config, params, h_base_BxD, h_thought_BxD)
+        logits_BxV = mixed_logits(config, qs, params, h_base_BxD, h_thought_BxD)
     if qs is not None:  # thought tokens are placed, never emitted as text
         logits_BxV = mask_thought_tokens(logits_BxV, qs)
     return NextToken(logits_BxV, thought_BxS, cache)

@@ -178,12 +178,16 @@ class MixingHead(nn.Module):
     """w = MLP([h_base ; h_thought]): Linear(2D->D)+ReLU, Linear(D->D)+ReLU, Linear(D->1).
 
     The last layer is zero-initialised, so w = 0 and training starts exactly at the base
-    model. w is used unsquashed, as in the official code.
+    model. w is used unsquashed, as in the official code, unless `nonnegative`: then
+    max(w, 0), so that a head that learns a negative weight cannot invert the reward
+    (a negative w makes the thoughts that help least score best; docs/method.md).
+    jnp.maximum passes half the gradient at the tie, so the zero-initialised head learns.
     """
 
     hidden_size: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    nonnegative: bool = False
 
     @nn.compact
     def __call__(self, h_base_xD: jax.Array, h_thought_xD: jax.Array) -> jax.Array:
@@ -191,11 +195,13 @@ class MixingHead(nn.Module):
         x = jnp.concatenate([h_base_xD, h_thought_xD], axis=-1)
         x = nn.relu(dense(self.hidden_size, kernel_init=nn.initializers.normal(0.02), name="in")(x))
         x = nn.relu(dense(self.hidden_size, kernel_init=nn.initializers.normal(0.02), name="hidden")(x))
-        return dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(x)[..., 0]
+        w_x = dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(x)[..., 0]
+        return jnp.maximum(w_x, 0.0) if self.nonnegative else w_x
 
 
-def mixing_head_module(config: ModelConfig) -> MixingHead:
-    return MixingHead(config.hidden_size, jnp.dtype(config.dtype), jnp.dtype(config.param_dtype))
+def mixing_head_module(config: ModelConfig, qs: QuietStarConfig) -> MixingHead:
+    return MixingHead(config.hidden_size, jnp.dtype(config.dtype), jnp.dtype(config.param_dtype),
+                      qs.nonnegative_mixing_weight)
 
 
 def init_quiet_star_params(
@@ -208,7 +214,7 @@ def init_quiet_star_params(
     by it, which scales their gradient (and, under Adam, their effective step) by it.
     """
     d = config.hidden_size
-    mixing = mixing_head_module(config).init(rng, jnp.zeros((1, d)), jnp.zeros((1, d)))["params"]
+    mixing = mixing_head_module(config, qs).init(rng, jnp.zeros((1, d)), jnp.zeros((1, d)))["params"]
     stored_D = (init_embedding_D / qs.embedding_scale).astype(jnp.dtype(config.param_dtype))
     # Two buffers, not one shared array: a donated train state must not alias itself.
     return {"lm": lm_params, "mixing_head": mixing, "thought": {"start": stored_D, "end": jnp.copy(stored_D)}}
@@ -343,7 +349,7 @@ def rollout(
     dtype = jnp.dtype(config.dtype)
     embed = lambda tokens: Transformer(config).apply(lm, tokens, method=Transformer.embed)
     lm_logits = lambda h: Transformer(config).apply(lm, h, method=Transformer.logits)
-    mixing_head = mixing_head_module(config)
+    mixing_head = mixing_head_module(config, qs)
 
     chunk = qs.logits_chunk_rows
 

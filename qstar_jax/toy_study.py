@@ -60,6 +60,7 @@ class Variant(NamedTuple):
     n_ahead: str
     working_marker: str  # what the reference row prompts with: the marker that opens the working
     policy_loss_weight: float  # of the Quiet-STaR arms (the policy-off arm has 0)
+    thinking_overrides: tuple[str, ...]  # of both thinking arms, (a) and its policy-off ablation (b)
 
     @property
     def markers(self) -> tuple[str, str]:
@@ -69,15 +70,19 @@ class Variant(NamedTuple):
 VARIANTS = {
     # "---" always opens the working: thoughts are right from the start (docs/toy_experiment.md).
     "written": Variant((), "<!-- toy-study-table:start -->", "<!-- toy-study-table:end -->",
-                       "docs/toy_study.png", "4,6,8", toy_reasoning.DELIMITER, 1.0),
+                       "docs/toy_study.png", "4,6,8", toy_reasoning.DELIMITER, 1.0, ()),
     # 80% of the documents are explicit: 30% of those open "---" on an unrelated aside, 17.5%
     # on the working, 52.5% write the working after "::" (docs/toy_experiment.md). Policy
     # weight 1000 (development problems): at 1 the reward, scaled by a mixing weight near 0,
-    # is too weak against the NLL terms and the few right thoughts are lost.
+    # is too weak against the NLL terms and the few right thoughts are lost. A non-negative
+    # mixing weight (development problems): unsquashed, it turned negative in one seed in
+    # three before the thoughts were reliable, and the reward then favoured the worst ones.
+    # With it both thinking arms differ from the official head in the same way.
     "aside": Variant(("--config.data.toy.explicit_fraction=0.8", "--config.data.toy.aside_fraction=0.3",
                       "--config.data.toy.delimiter_fraction=0.25"),
                      "<!-- toy-study-aside-table:start -->", "<!-- toy-study-aside-table:end -->",
-                     "docs/toy_study_aside.png", "8", toy_reasoning.OTHER_MARKER, 1000.0),
+                     "docs/toy_study_aside.png", "8", toy_reasoning.OTHER_MARKER, 1000.0,
+                     ("--config.quiet_star.nonnegative_mixing_weight=True",)),
 }
 TABLE_START, TABLE_END = VARIANTS["written"].table_start, VARIANTS["written"].table_end
 SMOKE_BASE = ["--config.steps=6", "--config.data.toy.problems=300", "--config.batch_size=8",
@@ -113,9 +118,10 @@ def export_base(run_dir: str, model_dir: str) -> None:
     checkpoint.save_model(model_dir, config, params, tokenizer)
 
 
-def arm_runs(seeds: list[int], n_aheads: list[int], policy_loss_weight: float = 1.0) -> list[dict]:
+def arm_runs(seeds: list[int], n_aheads: list[int], policy_loss_weight: float = 1.0,
+             thinking_overrides: tuple[str, ...] = ()) -> list[dict]:
     """Per seed: the control, Quiet-STaR at each thought length, and Quiet-STaR with the
-    policy loss off at the longest."""
+    policy loss off at the longest; `thinking_overrides` go to both thinking arms alike."""
     longest = max(n_aheads)
     runs = []
     for seed in seeds:
@@ -123,10 +129,10 @@ def arm_runs(seeds: list[int], n_aheads: list[int], policy_loss_weight: float = 
                      "overrides": ["--config.method=lm", f"--config.seed={seed}"]})
         for n_ahead in n_aheads:
             runs.append({"arm": f"quiet_star_{n_ahead}", "seed": seed, "name": f"qs{n_ahead}_seed{seed}",
-                         "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={n_ahead}",
+                         "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={n_ahead}", *thinking_overrides,
                                        f"--config.quiet_star.policy_loss_weight={policy_loss_weight}"]})
         runs.append({"arm": f"policy_off_{longest}", "seed": seed, "name": f"nopolicy{longest}_seed{seed}",
-                     "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={longest}",
+                     "overrides": [f"--config.seed={seed}", f"--config.quiet_star.n_ahead={longest}", *thinking_overrides,
                                    "--config.quiet_star.policy_loss_weight=0"]})
     return runs
 
@@ -256,8 +262,13 @@ def caption(results: dict) -> str:
             f"The policy loss, (a) minus (b) at the longest thought: answer accuracy "
             f"{gain['accuracy']['difference']:+.3f} ({_in_std(gain['accuracy'])}), sampled thought = working "
             f"{gain['thought_exact']['difference']:+.3f} ({_in_std(gain['thought_exact'])}; std: the larger "
-            f"of the two arms' over seeds). Whole study: {results['wall_s'] / 60:.1f} min on this machine "
+            f"of the two arms' over seeds).{_thinking_note(results)} Whole study: {results['wall_s'] / 60:.1f} min on this machine "
             f"(`{results['command']}`).")
+
+
+def _thinking_note(results: dict) -> str:
+    overrides = results.get("thinking_overrides") or []
+    return f" Both thinking arms run with {', '.join(f'`{o}`' for o in overrides)}." if overrides else ""
 
 
 def read_readme(path: str, markers: tuple[str, str]) -> str:
@@ -339,7 +350,8 @@ def study(workdir: str, variant_name: str, seeds: list[int], n_aheads: list[int]
 
     config, _, params, tokenizer = checkpoint.load_for_inference(base_model)
     results = {
-        "variant": variant_name, "base_overrides": list(variant.base_overrides), "seeds": seeds, "n_ahead": n_aheads, "test_problems": count, "base_train_s": base_s,
+        "variant": variant_name, "base_overrides": list(variant.base_overrides),
+        "thinking_overrides": list(variant.thinking_overrides), "seeds": seeds, "n_ahead": n_aheads, "test_problems": count, "base_train_s": base_s,
         "base": answer_metrics(config, None, params, tokenizer, items, thinking=False),
         "base_explicit": explicit_accuracy(config, None, params, tokenizer, items, variant.working_marker),
         "initial_thoughts": initial_thoughts(base_model, max(n_aheads), items),
@@ -347,7 +359,7 @@ def study(workdir: str, variant_name: str, seeds: list[int], n_aheads: list[int]
     }
     print(f"[toy_study] at the start of a Quiet-STaR run the thought after '=' is the working for "
           f"{results['initial_thoughts']['thought_exact']:.3f} of the test problems", flush=True)
-    for run in arm_runs(seeds, n_aheads, variant.policy_loss_weight):
+    for run in arm_runs(seeds, n_aheads, variant.policy_loss_weight, variant.thinking_overrides):
         run_dir = os.path.join(workdir, run["name"])
         print(f"[toy_study] {run['name']}", flush=True)
         overrides = [f"--config.init_from={base_model}", *run["overrides"], *(SMOKE_ARM if smoke else [])]

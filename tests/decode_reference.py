@@ -46,7 +46,7 @@ def reference_generate(config, qs, params, prompt_BxT, rng, max_new_tokens, temp
                     x = embed(config, lm, tok[:, None])
                 else:
                     x = jnp.broadcast_to(end_D, (b, 1, config.hidden_size))
-            logits = mixed_logits(config, params, h_last, h)
+            logits = mixed_logits(config, qs, params, h_last, h)
             thoughts.append(jnp.stack(sampled, 1))
         else:
             logits = lm_head(config, lm, h_last)

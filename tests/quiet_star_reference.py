@@ -95,7 +95,7 @@ def reference_rollout(config: ModelConfig, qs: QuietStarConfig, params, tokens_B
             x_RxD = embedding[[targets_CxBxN[c - 1][bi, j] for (bi, _, j) in rows]]
         h_RxD = feed(step, x_RxD)
         hb_RxD = np.stack([h_base[bi, j + c] if j + c < n else np.zeros(config.hidden_size) for (bi, _, j) in rows])
-        w_R = np.asarray(mixing_head_module(config).apply({"params": params["mixing_head"]}, jnp.asarray(hb_RxD), jnp.asarray(h_RxD)))
+        w_R = np.asarray(mixing_head_module(config, qs).apply({"params": params["mixing_head"]}, jnp.asarray(hb_RxD), jnp.asarray(h_RxD)))
         h_mix = (1 - w_R[:, None]) * hb_RxD + w_R[:, None] * h_RxD
         logp = np.asarray(jax.nn.log_softmax(_apply(config, lm, Transformer.logits, jnp.asarray(h_mix))))
         target = np.array([targets_CxBxN[c][bi, j] for (bi, _, j) in rows])
