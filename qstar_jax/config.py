@@ -108,7 +108,7 @@ class QuietStarConfig:
     policy_loss_weight: float = 1e6
     base_loss_weight: float = 0.5  # the talk NLL gets 1 - base_loss_weight
     clip_negative_rewards: bool = True
-    # False (official): the mixing weight w is used unsquashed. True: max(w, 0), a deviation
+    # False (official): the mixing weight w is used unsquashed. True: |w|, a deviation
     # that keeps a negative w from inverting the reward (docs/method.md, docs/toy_experiment.md).
     nonnegative_mixing_weight: bool = False
     embedding_scale: float = 100.0

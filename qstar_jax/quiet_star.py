@@ -178,10 +178,11 @@ class MixingHead(nn.Module):
     """w = MLP([h_base ; h_thought]): Linear(2D->D)+ReLU, Linear(D->D)+ReLU, Linear(D->1).
 
     The last layer is zero-initialised, so w = 0 and training starts exactly at the base
-    model. w is used unsquashed, as in the official code, unless `nonnegative`: then
-    max(w, 0), so that a head that learns a negative weight cannot invert the reward
-    (a negative w makes the thoughts that help least score best; docs/method.md).
-    jnp.maximum passes half the gradient at the tie, so the zero-initialised head learns.
+    model. w is used unsquashed, as in the official code, unless `nonnegative`: then its
+    magnitude, so that a head that learns a negative weight cannot invert the reward (a
+    negative w makes the thoughts that help least score best; docs/method.md). |w| is 0 at
+    the start like w, and unlike max(w, 0) its gradient never vanishes (1 at w = 0, written
+    out rather than left to abs's convention), so the head cannot get stuck at 0.
     """
 
     hidden_size: int
@@ -196,7 +197,7 @@ class MixingHead(nn.Module):
         x = nn.relu(dense(self.hidden_size, kernel_init=nn.initializers.normal(0.02), name="in")(x))
         x = nn.relu(dense(self.hidden_size, kernel_init=nn.initializers.normal(0.02), name="hidden")(x))
         w_x = dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(x)[..., 0]
-        return jnp.maximum(w_x, 0.0) if self.nonnegative else w_x
+        return jnp.where(w_x >= 0, w_x, -w_x) if self.nonnegative else w_x
 
 
 def mixing_head_module(config: ModelConfig, qs: QuietStarConfig) -> MixingHead:

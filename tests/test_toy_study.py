@@ -275,9 +275,9 @@ def test_smoke_study_writes_table_plot_results_and_scores_checkpoints(tmp_path):
         assert ("thought_exact" in run["curve"]["4"]) == (run["arm"] != "ntp")
     logged = {name: [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("qs4_seed0", "nopolicy4_seed0")}
+    assert any(m["policy_loss"] != 0 for m in logged["qs4_seed0"])
     assert logged["nopolicy4_seed0"] and all(m["policy_loss"] == 0 for m in logged["nopolicy4_seed0"])
-    # The variant's non-negative mixing weight reaches both thinking arms. (In 4 steps of a
-    # random model the head can clamp to 0 everywhere, so the policy arm's loss may be 0 too.)
+    # The variant's non-negative mixing weight reaches both thinking arms.
     assert all(m["mixing_weight"] >= 0 for ms in logged.values() for m in ms)
     assert 0 <= results["initial_thoughts"]["thought_exact"] <= 1 and "working for" in result.stdout
     assert os.listdir(workdir / "jax_cache")  # the runs share compiled programs
