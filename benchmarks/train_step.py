@@ -22,6 +22,7 @@ import sys
 import time
 
 ANCHOR = dict(vocab=1000, batch=4, seq=256, n_ahead=12, n_ahead_talk=4, n_passes=2)
+TINY_MODEL = dict(hidden=64, inter=256, layers=2, heads=4, kv=2)  # the anchor's random Mistral
 
 
 def configurations(quick: bool) -> list[dict]:
@@ -50,11 +51,14 @@ def measure(spec: dict, steps: int) -> dict:
     from qstar_jax.quiet_star import init_quiet_star_params
     from qstar_jax.train_step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
-    vocab = spec["vocab"]
-    config = ModelConfig("mistral", vocab, 64, 256, 2, 4, 2, 16, sliding_window=4096)
+    vocab, model = spec["vocab"], {**TINY_MODEL, **spec}
+    config = ModelConfig("mistral", vocab, model["hidden"], model["inter"], model["layers"], model["heads"],
+                         model["kv"], model["hidden"] // model["heads"], sliding_window=4096,
+                         remat=bool(spec.get("remat", False)))
     qs = QuietStarConfig(
         n_ahead=spec["n_ahead"], n_ahead_talk=spec["n_ahead_talk"], n_passes=spec["n_passes"],
         start_token_id=vocab - 2, end_token_id=vocab - 1, attention_impl=spec["variant"],
+        rollout_impl=spec.get("rollout_impl", "scan"),
     )
     lm = init_params(config, jax.random.key(0))
     params = init_quiet_star_params(config, qs, lm, lm["embed_tokens"]["embedding"][3], jax.random.key(1))

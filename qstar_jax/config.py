@@ -120,6 +120,10 @@ class QuietStarConfig:
     # official algorithm (every query against every thought key under an N x N*S mask),
     # O(N^2 * S) per step; kept to measure the gain and as a cross-check in tests.
     attention_impl: str = "parallel"
+    # "two_pass": sample every thought in a forward-only scan, then differentiate one
+    # teacher-forced pass over all thought steps at once. "scan": differentiate through the
+    # step-by-step scan (the only way `attention_impl="dense_mask"` runs). Same results.
+    rollout_impl: str = "scan"
 
     def __post_init__(self):
         if self.n_ahead < 3:
@@ -132,6 +136,10 @@ class QuietStarConfig:
             raise UserError("thought_temperature and reinforce_temperature must be > 0")
         if self.attention_impl not in ("parallel", "dense_mask"):
             raise UserError(f"attention_impl must be 'parallel' or 'dense_mask', got {self.attention_impl!r}")
+        if self.rollout_impl not in ("scan", "two_pass"):
+            raise UserError(f"rollout_impl must be 'scan' or 'two_pass', got {self.rollout_impl!r}")
+        if self.rollout_impl == "two_pass" and self.attention_impl != "parallel":
+            raise UserError("attention_impl='dense_mask' runs only with rollout_impl='scan'")
         if not 0.0 <= self.base_loss_weight <= 1.0:
             raise UserError(f"base_loss_weight must be in [0, 1], got {self.base_loss_weight}")
 

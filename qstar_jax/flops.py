@@ -11,7 +11,8 @@ on step n_ahead - 2); the mixing head on the talk steps.
 "model" FLOPs are forward + backward (3x forward), the convention MFU is quoted in.
 "executed" adds what rematerialisation recomputes in the backward pass: the thought steps
 (quiet_star.remat_steps), every layer again (model.remat, nested inside the former), and
-the LM-head chunks (rows_in_chunks checkpoints each chunk once rows exceed the chunk).
+the LM-head chunks (rows_in_chunks checkpoints each chunk once rows exceed the chunk);
+with `rollout_impl="two_pass"`, the forward-only sampling scan instead of the step remat.
 
 Peaks are per chip, dense bfloat16, from the vendors' spec sheets; on a CPU the peak is
 measured (an f32 matmul, timed in the run that reports MFU), since CPUs differ several-fold.
@@ -70,7 +71,13 @@ def step_flops(m: ModelConfig, qs: QuietStarConfig, batch: int, seq: int) -> dic
     forward = sum(fwd.values())
     thought = fwd["thought_layers"] + fwd["thought_attention"] + fwd["thought_lm_head"] + fwd["mixing_head"]
     recompute = 0
-    if qs.remat_steps:
+    if qs.rollout_impl == "two_pass":
+        # The forward-only sampling scan runs steps 1..n_ahead-3 and their LM head again;
+        # the teacher-forced pass that is differentiated is not a scan, so no step remat.
+        sampled_share = qs.n_sampled / qs.n_steps
+        recompute += sampled_share * (fwd["thought_layers"] + fwd["thought_attention"])
+        recompute += fwd["thought_lm_head"] * qs.n_sampled / (qs.n_sampled + qs.n_ahead_talk)
+    elif qs.remat_steps:
         recompute += thought
     if m.remat:  # inside a rematerialised thought step the layers run once more still
         recompute += fwd["base_layers"] + fwd["base_attention"] + fwd["thought_layers"] + fwd["thought_attention"]

@@ -23,6 +23,7 @@ queries per row, S thought steps, C the number of talk steps (n_ahead_talk).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -170,6 +171,69 @@ class DenseThoughtAttention:
 
 
 THOUGHT_ATTENTION = {"parallel": ThoughtAttention, "dense_mask": DenseThoughtAttention}
+
+
+class BlockExtras(NamedTuple):
+    """Arrays every layer needs to mask the teacher-forced pass over all thought steps."""
+
+    base_positions_BxN: jax.Array
+    base_segments_BxN: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtBlockAttention:
+    """Attention of every thought step at once (the "two_pass" rollout's gradient pass).
+
+    The sequence holds L = P x N x S tokens, (pass, position, step) in that order: step s
+    (1-based) of the thought at position j. Its query sees the base keys k <= j of j's
+    segment (`layer_state` = the base pass's keys and values) and the keys of steps 1..s of
+    its own thought, with the sliding window measured from its own position (base
+    position + s), as `ThoughtAttention` at step s. One softmax spans both key sets; the
+    scores are B x G x P x N x S x R x {N, S}, so each matmul is one batched matmul over
+    (B, G) whose rows are every step of every thought.
+    """
+
+    sliding_window: int | None
+    n_passes: int
+    n_steps: int
+
+    def __call__(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, layer_state, inputs: AttentionInputs):
+        base_k_BxMxGxK, base_v_BxMxGxK = layer_state  # M: the N base keys
+        b, l, h, k = q_BxLxHxK.shape
+        g, p, s = k_BxLxGxK.shape[2], self.n_passes, self.n_steps
+        n = l // (p * s)
+        dtype, f32 = q_BxLxHxK.dtype, jnp.float32
+        q_BxGxPxNxSxRxK = q_BxLxHxK.reshape(b, p, n, s, g, h // g, k).transpose(0, 4, 1, 2, 3, 5, 6)
+        q_BxGxPxNxSxRxK = q_BxGxPxNxSxRxK * jnp.asarray(k**-0.5, dtype)
+        own_k_BxGxPxNxSxK = k_BxLxGxK.reshape(b, p, n, s, g, k).transpose(0, 4, 1, 2, 3, 5)
+        own_v_BxGxPxNxSxK = v_BxLxGxK.reshape(b, p, n, s, g, k).transpose(0, 4, 1, 2, 3, 5)
+
+        extras: BlockExtras = inputs.extras
+        index_N = jnp.arange(n)
+        base_mask_BxNx1xM = ((index_N[:, None] >= index_N[None, :])[None]
+                             & same_segment(extras.base_segments_BxN, extras.base_segments_BxN))[:, :, None]
+        step_S = jnp.arange(1, s + 1)
+        own_mask_SxS = step_S[:, None] >= step_S[None, :]
+        if self.sliding_window is not None:
+            q_pos_BxNxS = extras.base_positions_BxN[:, :, None] + step_S
+            base_mask_BxNx1xM = base_mask_BxNx1xM & (
+                q_pos_BxNxS[..., None] - extras.base_positions_BxN[:, None, None, :] < self.sliding_window)
+            own_mask_SxS &= step_S[:, None] - step_S[None, :] < self.sliding_window
+
+        base_scores = jnp.einsum("bgpnsrk,bmgk->bgpnsrm", q_BxGxPxNxSxRxK, base_k_BxMxGxK.astype(dtype),
+                                 preferred_element_type=f32)
+        base_scores = jnp.where(base_mask_BxNx1xM[:, None, None, :, :, None, :], base_scores, MASKED_SCORE)
+        own_scores = jnp.einsum("bgpnsrk,bgpntk->bgpnsrt", q_BxGxPxNxSxRxK, own_k_BxGxPxNxSxK,
+                                preferred_element_type=f32)
+        own_scores = jnp.where(own_mask_SxS[:, None, :], own_scores, MASKED_SCORE)
+        top = jnp.maximum(base_scores.max(-1), own_scores.max(-1))[..., None]
+        base_w, own_w = jnp.exp(base_scores - top), jnp.exp(own_scores - top)
+        total = base_w.sum(-1) + own_w.sum(-1)
+        out_BxGxPxNxSxRxK = (
+            jnp.einsum("bgpnsrm,bmgk->bgpnsrk", base_w.astype(dtype), base_v_BxMxGxK.astype(dtype))
+            + jnp.einsum("bgpnsrt,bgpntk->bgpnsrk", own_w.astype(dtype), own_v_BxGxPxNxSxK)
+        ) / total[..., None].astype(dtype)
+        return out_BxGxPxNxSxRxK.transpose(0, 2, 3, 4, 1, 5, 6).reshape(b, l, h, k), None
 
 # ------------------------------------------------------------------------------- params
 
@@ -324,6 +388,70 @@ def talk_targets(tokens_BxN: jax.Array, segments_BxN: jax.Array, n_talk: int) ->
     return targets, valid
 
 
+class _BasePass(NamedTuple):
+    """Step 0, and what every thought step needs from it."""
+
+    h_BxNxD: jax.Array  # final-norm hidden states of the text
+    kv: tuple[jax.Array, jax.Array]  # every layer's post-RoPE keys and values, LxBxNxGxK
+    positions_BxN: jax.Array
+    segments_BxN: jax.Array
+    targets_CxBxN: jax.Array  # talk targets x_{j+1+c}
+    target_valid_CxBxN: jax.Array
+    logp_BxN: jax.Array  # log p_base(x_{j+1} | x_<=j)
+
+
+class _LM(NamedTuple):
+    """The LM's variables, and its embedding and LM head as functions of them."""
+
+    variables: dict
+    embed: Any
+    logits: Any
+
+
+def _lm(config: ModelConfig, lm_params: Params) -> _LM:
+    variables = {"params": lm_params}
+    return _LM(variables, lambda tokens: Transformer(config).apply(variables, tokens, method=Transformer.embed),
+               lambda h: Transformer(config).apply(variables, h, method=Transformer.logits))
+
+
+def _base_pass(config: ModelConfig, qs: QuietStarConfig, lm: _LM, tokens_BxN, segments_BxN) -> _BasePass:
+    positions_BxN = positions_from_segments(segments_BxN)
+    base_model = Transformer(config, CausalAttention(config.sliding_window, return_kv=True))
+    h_BxNxD, kv = base_model.apply(lm.variables, lm.embed(tokens_BxN), AttentionInputs(positions_BxN, segments_BxN),
+                                   method=Transformer.transform)
+    targets_CxBxN, valid_CxBxN = talk_targets(tokens_BxN, segments_BxN, qs.n_ahead_talk)
+    logp_BxN = rows_in_chunks(lambda h, t: token_logp(lm.logits(h), t), qs.logits_chunk_rows, h_BxNxD, targets_CxBxN[0])
+    return _BasePass(h_BxNxD, kv, positions_BxN, segments_BxN, targets_CxBxN, valid_CxBxN, logp_BxN)
+
+
+def _thought_embeddings(config: ModelConfig, qs: QuietStarConfig, params: Params) -> tuple[jax.Array, jax.Array]:
+    """Start and end embeddings as fed: stored / embedding_scale, used x embedding_scale."""
+    dtype = jnp.dtype(config.dtype)
+    return tuple((params["thought"][name] * qs.embedding_scale).astype(dtype) for name in ("start", "end"))
+
+
+def _mix(config: ModelConfig, qs: QuietStarConfig, params: Params, h_base_xD, h_thought_xD):
+    """(h_mix, w): h_mix = (1 - w) h_base + w h_thought, w from the mixing head."""
+    w_x = mixing_head_module(config, qs).apply({"params": params["mixing_head"]}, h_base_xD, h_thought_xD)
+    w_xx1 = w_x[..., None].astype(h_base_xD.dtype)
+    return (1 - w_xx1) * h_base_xD + w_xx1 * h_thought_xD, w_x.astype(jnp.float32)
+
+
+def _talk_rows(lm: _LM, talk_distribution: bool):
+    """Per row: log p(target), and with `talk_distribution` also the whole log-distribution."""
+    def talk_rows(h_RxD, target_R):
+        logits_RxV = lm.logits(h_RxD)
+        logp_R = token_logp(logits_RxV, target_R)
+        return (logp_R, jax.nn.log_softmax(logits_RxV.astype(jnp.float32), axis=-1)) if talk_distribution else logp_R
+
+    return talk_rows
+
+
+def _thought_token_logp(lm: _LM, qs: QuietStarConfig, h_RxD, token_R):
+    """REINFORCE's log-prob of a thought token: log softmax(logits / reinforce_temperature)."""
+    return token_logp(mask_thought_tokens(lm.logits(h_RxD), qs) / qs.reinforce_temperature, token_R)
+
+
 def rollout(
     config: ModelConfig,
     qs: QuietStarConfig,
@@ -340,49 +468,64 @@ def rollout(
     (their log-probs are still computed): scoring fixed thoughts, and isolation tests.
     `talk_distribution` also returns the whole mixed next-token distribution (B x P x N x V
     floats, for the NTP stage's full-distribution teacher; not for training).
+
+    `qs.rollout_impl` picks how; both compute the same quantities (tested). "scan" feeds
+    one thought step at a time and differentiates through the scan. "two_pass" samples the
+    thoughts in a forward-only scan on stop-gradient parameters (REINFORCE scores the
+    sampled tokens; no gradient flows through choosing them, so that scan keeps nothing
+    for the backward pass), then feeds every step of every thought at once, teacher-forced,
+    through one pass of the layers: the differentiated work is a few large matmuls instead
+    of n_steps small ones.
     """
     chex.assert_rank(tokens_BxN, 2)
     chex.assert_equal_shape([tokens_BxN, segments_BxN])
     check_thought_ids(config, qs)
     b, n = tokens_BxN.shape
-    p, c_talk, s_total = qs.n_passes, qs.n_ahead_talk, qs.n_steps
-    lm = {"params": params["lm"]}
-    dtype = jnp.dtype(config.dtype)
-    embed = lambda tokens: Transformer(config).apply(lm, tokens, method=Transformer.embed)
-    lm_logits = lambda h: Transformer(config).apply(lm, h, method=Transformer.logits)
-    mixing_head = mixing_head_module(config, qs)
+    forced_SxBxT = None
+    if forced_thoughts_SxBxPxN is not None:
+        chex.assert_shape(forced_thoughts_SxBxPxN, (qs.n_sampled, b, qs.n_passes, n))
+        forced_SxBxT = forced_thoughts_SxBxPxN.reshape(qs.n_sampled, b, qs.n_passes * n)
+    lm = _lm(config, params["lm"])
+    base = _base_pass(config, qs, lm, tokens_BxN, segments_BxN)
+    if qs.rollout_impl == "scan":
+        return _scan_rollout(config, qs, params, lm, base, rng, forced_SxBxT, talk_distribution)
+    if forced_SxBxT is None:
+        frozen = jax.lax.stop_gradient(params)
+        frozen_lm, frozen_base = _lm(config, frozen["lm"]), jax.lax.stop_gradient(base)
+        think = _thought_stepper(config, qs, frozen_lm, frozen_base)
+        forced_SxBxT = _sampling_scan(config, qs, frozen, frozen_lm, frozen_base, think, rng, None)[0]
+    return _teacher_forced_rollout(config, qs, params, lm, base, forced_SxBxT, talk_distribution)
 
-    chunk = qs.logits_chunk_rows
 
-    def target_logp(h_RxD, target_R):
-        return token_logp(lm_logits(h_RxD), target_R)
-
-    def target_logp_and_distribution(h_RxD, target_R):
-        logits_RxV = lm_logits(h_RxD)
-        return token_logp(logits_RxV, target_R), jax.nn.log_softmax(logits_RxV.astype(jnp.float32), axis=-1)
-
-    talk_out = target_logp_and_distribution if talk_distribution else target_logp
-
-    # Step 0: the base pass, keeping every layer's keys and values.
-    positions_BxN = positions_from_segments(segments_BxN)
-    base_model = Transformer(config, CausalAttention(config.sliding_window, return_kv=True))
-    h_base_BxNxD, (base_k, base_v) = base_model.apply(
-        lm, embed(tokens_BxN), AttentionInputs(positions_BxN, segments_BxN), method=Transformer.transform
+def _rollout_of(qs: QuietStarConfig, base: _BasePass, sampled_SxBxT, sample_logp_SxBxT, talk_logp_CxBxT, w_CxBxT,
+                talk_logdist_BxTxV=None) -> Rollout:
+    b, n = base.positions_BxN.shape
+    p = qs.n_passes
+    per_pass = lambda x_xBxT: x_xBxT.reshape(x_xBxT.shape[:2] + (p, n))
+    return Rollout(
+        base_logp_BxN=base.logp_BxN,
+        target_valid_CxBxN=base.target_valid_CxBxN,
+        sampled_SxBxPxN=per_pass(sampled_SxBxT),
+        sample_logp_SxBxPxN=per_pass(sample_logp_SxBxT),
+        talk_logp_CxBxPxN=per_pass(talk_logp_CxBxT),
+        mixing_weight_CxBxPxN=per_pass(w_CxBxT),
+        talk_logdist_BxPxNxV=None if talk_logdist_BxTxV is None else talk_logdist_BxTxV.reshape(b, p, n, -1),
     )
-    targets_CxBxN, target_valid_CxBxN = talk_targets(tokens_BxN, segments_BxN, c_talk)
-    base_logp_BxN = rows_in_chunks(target_logp, chunk, h_base_BxNxD, targets_CxBxN[0])
 
+
+# ------------------------------------------------------------ rollout, one step at a time
+
+
+def _thought_stepper(config: ModelConfig, qs: QuietStarConfig, lm: _LM, base: _BasePass):
+    """think(x_BxTxD, step, cache) -> (h_BxTxD, cache): feeds one token per (pass,
+    position) at thought step `step` and writes its keys/values into the cache."""
     thought_model = Transformer(config, THOUGHT_ATTENTION[qs.attention_impl](config.sliding_window))
-    cache_shape = (config.num_layers, b, config.num_kv_heads, p, n, s_total, config.head_dim)
-    cache = (jnp.zeros(cache_shape, base_k.dtype), jnp.zeros(cache_shape, base_v.dtype))
-    positions_BxT = jnp.tile(positions_BxN, (1, p))
-    tile = lambda x_BxNxD: jnp.tile(x_BxNxD, (1, p, 1))
+    positions_BxT = jnp.tile(base.positions_BxN, (1, qs.n_passes))
 
     def think(x_BxTxD, step, cache):
-        """Feeds one token per (pass, position); returns hidden states and the extended cache."""
-        inputs = AttentionInputs(positions_BxT + step, ThoughtExtras(step, positions_BxN, segments_BxN))
+        inputs = AttentionInputs(positions_BxT + step, ThoughtExtras(step, base.positions_BxN, base.segments_BxN))
         h_BxTxD, (k_LxBxGxPxNxK, v_LxBxGxPxNxK) = thought_model.apply(
-            lm, x_BxTxD, inputs, (base_k, base_v) + cache, method=Transformer.transform
+            lm.variables, x_BxTxD, inputs, base.kv + cache, method=Transformer.transform
         )
 
         def write(cache_LxBxGxPxNxSxK, new_LxBxGxPxNxK):
@@ -391,77 +534,125 @@ def rollout(
 
         return h_BxTxD, (write(cache[0], k_LxBxGxPxNxK), write(cache[1], v_LxBxGxPxNxK))
 
+    return think
+
+
+def _sampling_scan(config, qs: QuietStarConfig, params, lm: _LM, base: _BasePass, think, rng, forced_SxBxT):
+    """Thought steps 1..n_ahead-3: feed start / the previous token, sample the next one.
+    Returns (sampled_SxBxT, sample_logp_SxBxT, the last token's embedding, the cache)."""
+    b, n = base.positions_BxN.shape
+    t = qs.n_passes * n
     maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
 
-    # Thought steps 1..n_ahead-3: feed start / previous sample, sample the next token.
     def sample_rows(h_RxD, uniform_R, forced_R=None):
-        logits_RxV = mask_thought_tokens(lm_logits(h_RxD), qs)
+        logits_RxV = mask_thought_tokens(lm.logits(h_RxD), qs)
         if forced_R is None:
-            sampled_R = sample_thought_tokens(jax.lax.stop_gradient(logits_RxV), uniform_R, qs.thought_temperature)
-        else:
-            sampled_R = forced_R
-        return sampled_R, token_logp(logits_RxV / qs.reinforce_temperature, sampled_R)
+            forced_R = sample_thought_tokens(jax.lax.stop_gradient(logits_RxV), uniform_R, qs.thought_temperature)
+        return forced_R, token_logp(logits_RxV / qs.reinforce_temperature, forced_R)  # = _thought_token_logp
 
     @maybe_remat
     def sample_step(carry, xs):
         step, forced_BxT = xs
         x_BxTxD, cache = carry
         h_BxTxD, cache = think(x_BxTxD, step, cache)
-        uniform_BxT = thought_uniforms(rng, step, (b, p * n))
-        rows = (h_BxTxD, uniform_BxT) + (() if forced_BxT is None else (forced_BxT,))
-        sampled_BxT, sample_logp_BxT = rows_in_chunks(sample_rows, chunk, *rows)
-        return (embed(sampled_BxT), cache), (sampled_BxT, sample_logp_BxT)
+        rows = (h_BxTxD, thought_uniforms(rng, step, (b, t))) + (() if forced_BxT is None else (forced_BxT,))
+        sampled_BxT, sample_logp_BxT = rows_in_chunks(sample_rows, qs.logits_chunk_rows, *rows)
+        return (lm.embed(sampled_BxT), cache), (sampled_BxT, sample_logp_BxT)
 
-    thought = params["thought"]
-    start_D = (thought["start"] * qs.embedding_scale).astype(dtype)
-    end_D = (thought["end"] * qs.embedding_scale).astype(dtype)
-    x_BxTxD = jnp.broadcast_to(start_D, (b, p * n, config.hidden_size))
-    forced_SxBxT = None
-    if forced_thoughts_SxBxPxN is not None:
-        chex.assert_shape(forced_thoughts_SxBxPxN, (qs.n_sampled, b, p, n))
-        forced_SxBxT = forced_thoughts_SxBxPxN.reshape(qs.n_sampled, b, p * n)
+    start_D, _ = _thought_embeddings(config, qs, params)
+    shape = (config.num_layers, b, config.num_kv_heads, qs.n_passes, n, qs.n_steps, config.head_dim)
+    cache = (jnp.zeros(shape, base.kv[0].dtype), jnp.zeros(shape, base.kv[1].dtype))
+    x_BxTxD = jnp.broadcast_to(start_D, (b, t, config.hidden_size))
+    steps = jnp.arange(1, qs.n_ahead - 2, dtype=jnp.int32)
     (x_BxTxD, cache), (sampled_SxBxT, sample_logp_SxBxT) = jax.lax.scan(
-        sample_step, (x_BxTxD, cache), (jnp.arange(1, qs.n_ahead - 2, dtype=jnp.int32), forced_SxBxT)
-    )
+        sample_step, (x_BxTxD, cache), (steps, forced_SxBxT))
+    return sampled_SxBxT, sample_logp_SxBxT, x_BxTxD, cache
+
+
+def _scan_rollout(config, qs: QuietStarConfig, params, lm: _LM, base: _BasePass, rng, forced_SxBxT,
+                  talk_distribution: bool) -> Rollout:
+    b, n = base.positions_BxN.shape
+    p, c_talk = qs.n_passes, qs.n_ahead_talk
+    maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
+    think = _thought_stepper(config, qs, lm, base)
+    sampled_SxBxT, sample_logp_SxBxT, x_BxTxD, cache = _sampling_scan(
+        config, qs, params, lm, base, think, rng, forced_SxBxT)
     # Step n_ahead-2 feeds the last sampled token (or the start token if none are sampled);
     # its output predicts nothing, so it skips the LM head.
     _, cache = maybe_remat(think)(x_BxTxD, jnp.int32(qs.n_ahead - 2), cache)
 
     # Talk steps: feed end, then x_{j+1}..x_{j+C-1}; mix with the base hidden at j+c.
-    talk_inputs_CxBxTxD = jnp.stack(
-        [jnp.broadcast_to(end_D, (b, p * n, config.hidden_size))]
-        + [tile(embed(targets_CxBxN[c])) for c in range(c_talk - 1)]
-    )
-    h_base_CxBxTxD = jnp.stack([tile(_shift_left(h_base_BxNxD, c, 0)) for c in range(c_talk)])
-    targets_CxBxT = jnp.tile(targets_CxBxN, (1, 1, p))
+    _, end_D = _thought_embeddings(config, qs, params)
+    tile = lambda x_BxNxD: jnp.tile(x_BxNxD, (1, p, 1))
+    talk_inputs_CxBxTxD = jnp.stack([jnp.broadcast_to(end_D, (b, p * n, config.hidden_size))]
+                                    + [tile(lm.embed(base.targets_CxBxN[c])) for c in range(c_talk - 1)])
+    h_base_CxBxTxD = jnp.stack([tile(_shift_left(base.h_BxNxD, c, 0)) for c in range(c_talk)])
+    targets_CxBxT = jnp.tile(base.targets_CxBxN, (1, 1, p))
+    talk_rows = _talk_rows(lm, talk_distribution)
 
     @maybe_remat
     def talk_step(cache, xs):
         step, x_BxTxD, h_base_BxTxD, target_BxT = xs
         h_thought_BxTxD, cache = think(x_BxTxD, step, cache)
-        w_BxT = mixing_head.apply({"params": params["mixing_head"]}, h_base_BxTxD, h_thought_BxTxD)
-        w_BxTx1 = w_BxT[..., None].astype(h_base_BxTxD.dtype)
-        h_mix_BxTxD = (1 - w_BxTx1) * h_base_BxTxD + w_BxTx1 * h_thought_BxTxD
-        return cache, (rows_in_chunks(talk_out, chunk, h_mix_BxTxD, target_BxT), w_BxT.astype(jnp.float32))
+        h_mix_BxTxD, w_BxT = _mix(config, qs, params, h_base_BxTxD, h_thought_BxTxD)
+        return cache, (rows_in_chunks(talk_rows, qs.logits_chunk_rows, h_mix_BxTxD, target_BxT), w_BxT)
 
     talk_steps_C = jnp.arange(qs.n_ahead - 1, qs.n_ahead - 1 + c_talk, dtype=jnp.int32)
     _, (talk_out_C, w_CxBxT) = jax.lax.scan(
-        talk_step, cache, (talk_steps_C, talk_inputs_CxBxTxD, h_base_CxBxTxD, targets_CxBxT)
-    )
-    talk_logp_CxBxT, talk_logdist_BxPxNxV = talk_out_C, None
+        talk_step, cache, (talk_steps_C, talk_inputs_CxBxTxD, h_base_CxBxTxD, targets_CxBxT))
     if talk_distribution:
         talk_logp_CxBxT, logdist_CxBxTxV = talk_out_C
-        talk_logdist_BxPxNxV = logdist_CxBxTxV[0].reshape(b, p, n, -1)
-    per_pass = lambda x_xBxT: x_xBxT.reshape(x_xBxT.shape[:2] + (p, n))
-    return Rollout(
-        base_logp_BxN=base_logp_BxN,
-        target_valid_CxBxN=target_valid_CxBxN,
-        sampled_SxBxPxN=per_pass(sampled_SxBxT),
-        sample_logp_SxBxPxN=per_pass(sample_logp_SxBxT),
-        talk_logp_CxBxPxN=per_pass(talk_logp_CxBxT),
-        mixing_weight_CxBxPxN=per_pass(w_CxBxT),
-        talk_logdist_BxPxNxV=talk_logdist_BxPxNxV,
-    )
+        return _rollout_of(qs, base, sampled_SxBxT, sample_logp_SxBxT, talk_logp_CxBxT, w_CxBxT, logdist_CxBxTxV[0])
+    return _rollout_of(qs, base, sampled_SxBxT, sample_logp_SxBxT, talk_out_C, w_CxBxT)
+
+
+# ------------------------------------------------------ rollout, every step at once
+
+
+def _teacher_forced_rollout(config, qs: QuietStarConfig, params, lm: _LM, base: _BasePass, sampled_SxBxT,
+                            talk_distribution: bool) -> Rollout:
+    """Every thought step of every (pass, position) in one pass of the layers, with the
+    thought tokens given: the inputs of steps 1..n_steps are start, the sampled tokens,
+    end and the first n_ahead_talk - 1 true tokens, as the scan feeds them."""
+    b, n = base.positions_BxN.shape
+    p, c_talk, s_all, s_sampled = qs.n_passes, qs.n_ahead_talk, qs.n_steps, qs.n_sampled
+    d = config.hidden_size
+    start_D, end_D = _thought_embeddings(config, qs, params)
+    tile = lambda x_BxNx: jnp.tile(x_BxNx, (1, p) + (1,) * (x_BxNx.ndim - 2))
+    inputs_SxBxTxD = jnp.concatenate([
+        jnp.broadcast_to(start_D, (1, b, p * n, d)),
+        lm.embed(sampled_SxBxT),
+        jnp.broadcast_to(end_D, (1, b, p * n, d)),
+        jnp.stack([tile(lm.embed(base.targets_CxBxN[c])) for c in range(c_talk - 1)]).reshape(c_talk - 1, b, p * n, d),
+    ])
+    x_BxLxD = inputs_SxBxTxD.transpose(1, 2, 0, 3).reshape(b, p * n * s_all, d)  # L = (pass, position, step)
+    steps_S = jnp.arange(1, s_all + 1, dtype=jnp.int32)
+    positions_BxL = (tile(base.positions_BxN)[:, :, None] + steps_S).reshape(b, -1)
+    block_model = Transformer(config, ThoughtBlockAttention(config.sliding_window, p, s_all))
+    h_BxLxD, _ = block_model.apply(lm.variables, x_BxLxD, AttentionInputs(
+        positions_BxL, BlockExtras(base.positions_BxN, base.segments_BxN)), base.kv, method=Transformer.transform)
+    h_BxTxSxD = h_BxLxD.reshape(b, p * n, s_all, d)
+
+    # Steps 1..n_sampled predicted the sampled tokens; their REINFORCE log-probs.
+    sampled_BxTxS = sampled_SxBxT.transpose(1, 2, 0)
+    sample_logp_BxTS = rows_in_chunks(functools.partial(_thought_token_logp, lm, qs), qs.logits_chunk_rows,
+                                      h_BxTxSxD[:, :, :s_sampled].reshape(b, -1, d), sampled_BxTxS.reshape(b, -1))
+    sample_logp_SxBxT = sample_logp_BxTS.reshape(b, p * n, s_sampled).transpose(2, 0, 1)
+
+    # Steps n_ahead-1.. (end, then the true tokens) talk: mixed with the base at j + c.
+    h_thought_BxTxCxD = h_BxTxSxD[:, :, qs.n_ahead - 2:]
+    h_base_BxTxCxD = jnp.stack([tile(_shift_left(base.h_BxNxD, c, 0)) for c in range(c_talk)], axis=2)
+    targets_BxTxC = tile(base.targets_CxBxN.transpose(1, 2, 0))
+    h_mix_BxTxCxD, w_BxTxC = _mix(config, qs, params, h_base_BxTxCxD, h_thought_BxTxCxD)
+    talk_out = rows_in_chunks(_talk_rows(lm, talk_distribution), qs.logits_chunk_rows,
+                              h_mix_BxTxCxD.reshape(b, -1, d), targets_BxTxC.reshape(b, -1))
+    to_CxBxT = lambda x_BxTC: x_BxTC.reshape(b, p * n, c_talk).transpose(2, 0, 1)
+    if talk_distribution:
+        talk_logp_BxTC, logdist_BxTCxV = talk_out
+        logdist_BxTxV = logdist_BxTCxV.reshape(b, p * n, c_talk, -1)[:, :, 0]
+        return _rollout_of(qs, base, sampled_SxBxT, sample_logp_SxBxT, to_CxBxT(talk_logp_BxTC),
+                           w_BxTxC.transpose(2, 0, 1), logdist_BxTxV)
+    return _rollout_of(qs, base, sampled_SxBxT, sample_logp_SxBxT, to_CxBxT(talk_out), w_BxTxC.transpose(2, 0, 1))
 
 
 # --------------------------------------------------------------------------------- learn

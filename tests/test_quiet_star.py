@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,12 +41,19 @@ def make_batch(b=2, n=9, seed=0):
     return tokens, valid
 
 
+IMPLEMENTATIONS = {  # (rollout_impl, attention_impl)
+    "scan_parallel": ("scan", "parallel"), "scan_dense_mask": ("scan", "dense_mask"), "two_pass": ("two_pass", "parallel"),
+}
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("attention_impl", ["parallel", "dense_mask"])
-def test_parallel_equals_literal_definition(name, attention_impl):
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_parallel_equals_literal_definition(name, impl):
     # Unit policy weight: the official 1e6 would amplify float32 summation-order noise
     # (~1e-6 in log-probs) a millionfold; every ingredient is compared at 1e-5 either way.
-    config, qs = CONFIGS[name], QS.replace(attention_impl=attention_impl, policy_loss_weight=1.0)
+    rollout_impl, attention_impl = IMPLEMENTATIONS[impl]
+    config = CONFIGS[name]
+    qs = QS.replace(rollout_impl=rollout_impl, attention_impl=attention_impl, policy_loss_weight=1.0)
     params = make_params(config, qs)
     tokens, valid = make_batch()
     rng = jax.random.key(7)
@@ -352,3 +361,30 @@ def test_a_nonnegative_mixing_weight_is_the_magnitude_and_learns_from_init():
     at_init = make_params(config, nonneg, trained_head=False)
     grad = jax.grad(lambda p: quiet_star_loss(config, nonneg, p, *tokens_valid, jax.random.key(0))[0])(at_init)
     assert float(jnp.abs(grad["mixing_head"]["out"]["kernel"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_two_pass_gradients_equal_the_scan_gradients(name):
+    """The two-pass rollout differentiates one teacher-forced pass over the thoughts the
+    forward-only scan sampled; its gradient (every parameter) is the scan path's."""
+    config = CONFIGS[name]
+    qs = QS.replace(policy_loss_weight=1.0)
+    params = make_params(config, qs)
+    tokens, valid = make_batch()
+    grads = {impl: jax.jit(jax.grad(lambda p, q=qs.replace(rollout_impl=impl): quiet_star_loss(
+        config, q, p, tokens, valid, jax.random.key(5))[0]))(params) for impl in ("scan", "two_pass")}
+    for path, scan_leaf in jax.tree_util.tree_leaves_with_path(grads["scan"]):
+        two_pass_leaf = functools.reduce(lambda node, key: node[key.key], path, grads["two_pass"])
+        np.testing.assert_allclose(two_pass_leaf, scan_leaf, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    assert float(jnp.abs(grads["scan"]["thought"]["start"]).max()) > 0  # the thoughts' gradient is compared
+    # The NTP teacher's whole talk distribution, too.
+    dists = [rollout(config, qs.replace(rollout_impl=impl), params, tokens, valid, jax.random.key(5),
+                     talk_distribution=True).talk_logdist_BxPxNxV for impl in ("scan", "two_pass")]
+    np.testing.assert_allclose(dists[1], dists[0], atol=1e-5)
+
+
+def test_two_pass_rejects_the_dense_mask_attention():
+    from qstar_jax.errors import UserError
+
+    with pytest.raises(UserError, match="attention_impl='dense_mask' runs only with rollout_impl='scan'"):
+        QS.replace(rollout_impl="two_pass", attention_impl="dense_mask")
