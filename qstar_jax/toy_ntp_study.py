@@ -33,7 +33,7 @@ from qstar_jax import checkpoint, curriculum, toy_reasoning
 from qstar_jax.errors import exit_on_user_error
 from qstar_jax.toy_eval import answer_metrics, explicit_accuracy
 from qstar_jax.toy_study import (ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED,
-                                 export_base, int_list, publish, read_readme, score_run, summarise, train)
+                                 export_base, int_list, make_workdir, publish, read_readme, score_run, summarise, train)
 
 NUM_OPS = 3  # a 2-layer model answers 0.27 of 3-op chains without working, all of them with it
 TEACHER_STEPS = STUDENT_STEPS = 200
@@ -162,7 +162,7 @@ def plot(results: dict, path: str) -> None:
 
 def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
     start = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     workdir = os.path.abspath(workdir)
     cache_dir = os.path.join(workdir, "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache_dir)

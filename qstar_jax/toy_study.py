@@ -97,6 +97,16 @@ SMOKE_ARM = ["--config.steps=4", "--config.checkpoint_every=2", "--config.data.t
 # ----------------------------------------------------------------------------------- runs
 
 
+def make_workdir(path: str) -> None:
+    """A study's --workdir, created if needed; a path that cannot be one is a one-line error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--workdir {path}: not a directory (a file is in the way)") from None
+    except PermissionError as e:
+        raise UserError(f"--workdir {path}: cannot create it ({e.strerror})") from None
+
+
 def train(config: str, workdir: str, overrides: list[str], cache_dir: str) -> float:
     """One `qstar_jax.train` run (resumes if already started); returns its wall seconds."""
     os.makedirs(workdir, exist_ok=True)
@@ -337,7 +347,7 @@ def plot(results: dict, path: str) -> None:
 def study(workdir: str, variant_name: str, seeds: list[int], n_aheads: list[int], smoke: bool) -> dict:
     start = time.perf_counter()
     variant = VARIANTS[variant_name]
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     cache_dir = os.path.join(os.path.abspath(workdir), "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache_dir)  # the scoring below, too
     base_run, base_model = os.path.join(workdir, "base"), os.path.join(workdir, "base_model")

@@ -308,3 +308,14 @@ def test_smoke_study_writes_table_plot_results_and_scores_checkpoints(tmp_path):
                              text=True)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"error: problems file not found: {tmp_path / 'nope.jsonl'}"]
+
+
+@pytest.mark.parametrize("module", ["qstar_jax.toy_study", "qstar_jax.toy_ntp_study"])
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, module):
+    in_the_way = tmp_path / "runs"
+    in_the_way.write_text("not a directory")
+    result = subprocess.run([sys.executable, "-m", module, "--smoke", "--workdir", str(in_the_way / "study"),
+                             "--readme", "", "--plot", ""], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"error: --workdir {in_the_way / 'study'}: not a directory (a file is in the way)"
