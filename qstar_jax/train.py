@@ -499,6 +499,11 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     kept whatever `keep_checkpoints` says (a curriculum stage picks it for the next stage).
     """
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    if mesh.size > 1 and cfg.method == "quiet_star" and cfg.quiet_star.rollout_impl == "two_pass":
+        # Sharded over 8 forced CPU devices its step deadlocked in XLA:CPU's collectives
+        # (docs/method.md); until that is understood it runs where it was proven.
+        raise UserError(f"quiet_star.rollout_impl='two_pass' runs on one device only, this mesh has {mesh.size}; "
+                        "use rollout_impl='scan'")
     optimizer_config = dataclass_from(OptimizerConfig, cfg.optimizer)
     optimizer = make_optimizer(optimizer_config)
     learning_rate = learning_rate_schedule(optimizer_config)

@@ -525,3 +525,11 @@ def test_preflight_reports_per_device_memory(tmp_path):
     assert 0 < report["argument_gb_per_device"] <= report["peak_gb_per_device"]
     # loading: each device holds its shard of the params, then of params + two Adam moments
     assert 0 < report["loaded_params_gb_per_device"] < report["init_state_peak_gb_per_device"]
+
+
+
+def test_two_pass_rollout_refuses_a_mesh_of_several_devices(tmp_path):
+    result = run_train(tmp_path, "--config.steps=1", "--config.quiet_star.rollout_impl=two_pass", devices=2)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: quiet_star.rollout_impl='two_pass' runs on one device only, this mesh has 2; use rollout_impl='scan'")
