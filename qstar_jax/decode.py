@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError
 from qstar_jax.model import KVCache, Params, decode_embeddings, embed, init_cache, lm_head
-from qstar_jax.quiet_star import mask_thought_tokens, mixing_head_module, sample_thought_tokens
+from qstar_jax.quiet_star import mask_thought_tokens, mix_hidden, sample_thought_tokens, thought_embeddings
 
 REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought steps use 1, 2, ...
 
@@ -38,10 +38,6 @@ def sample_tokens(logits_BxV: jax.Array, key: jax.Array, temperature: float) -> 
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     uniform_B = jax.random.uniform(key, logits_BxV.shape[:1])
     return sample_thought_tokens(logits_BxV, uniform_B, temperature)
-
-
-def thought_embeddings(qs: QuietStarConfig, params: Params) -> tuple[jax.Array, jax.Array]:
-    return params["thought"]["start"] * qs.embedding_scale, params["thought"]["end"] * qs.embedding_scale
 
 
 def think(config: ModelConfig, qs: QuietStarConfig, params: Params, cache: KVCache, key: jax.Array):
@@ -75,9 +71,8 @@ def forget_after(cache: KVCache, length: jax.Array, next_position_B: jax.Array) 
 
 def mixed_logits(config: ModelConfig, qs: QuietStarConfig, params: Params, h_base_BxD: jax.Array,
                  h_thought_BxD: jax.Array) -> jax.Array:
-    w_B = mixing_head_module(config, qs).apply({"params": params["mixing_head"]}, h_base_BxD, h_thought_BxD)
-    w_Bx1 = w_B[:, None].astype(h_base_BxD.dtype)
-    return lm_head(config, params["lm"], (1 - w_Bx1) * h_base_BxD + w_Bx1 * h_thought_BxD)
+    h_mix_BxD, _ = mix_hidden(config, qs, params, h_base_BxD, h_thought_BxD)
+    return lm_head(config, params["lm"], h_mix_BxD)
 
 
 class NextToken(NamedTuple):

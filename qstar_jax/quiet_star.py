@@ -23,7 +23,6 @@ queries per row, S thought steps, C the number of talk steps (n_ahead_talk).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -63,6 +62,13 @@ def _to_groups(x_BxTxHxK: jax.Array, p: int, g: int) -> jax.Array:
     return x_BxTxHxK.reshape(b, p, t // p, g, h // g, k).transpose(0, 3, 1, 2, 4, 5)
 
 
+def _prefix_mask(segments_BxN: jax.Array) -> jax.Array:
+    """BxNxN (thought position x base key): the base keys a thought at j may see before any
+    window, index-causal (key <= j) and real tokens of j's segment."""
+    index_N = jnp.arange(segments_BxN.shape[1])
+    return (index_N[None, :, None] >= index_N[None, None, :]) & same_segment(segments_BxN, segments_BxN)
+
+
 def _thought_masks(extras: ThoughtExtras, n: int, s: int, window: int | None) -> tuple[jax.Array, jax.Array]:
     """Which base keys (BxNxN, query x key) and which own-cache slots (S) a thought step sees.
 
@@ -70,9 +76,7 @@ def _thought_masks(extras: ThoughtExtras, n: int, s: int, window: int | None) ->
     and inside the sliding window of the thought token's own position (base position + step). Cache
     slots: those of steps 1..step-1 (filled), inside the window.
     """
-    index_N = jnp.arange(n)
-    segments_BxN = extras.base_segments_BxN
-    base_mask_BxNxN = (index_N[None, :, None] >= index_N[None, None, :]) & same_segment(segments_BxN, segments_BxN)
+    base_mask_BxNxN = _prefix_mask(extras.base_segments_BxN)
     slot_S = jnp.arange(s)
     cache_mask_S = slot_S < extras.step - 1
     if window is not None:
@@ -209,9 +213,7 @@ class ThoughtBlockAttention:
         own_v_BxGxPxNxSxK = v_BxLxGxK.reshape(b, p, n, s, g, k).transpose(0, 4, 1, 2, 3, 5)
 
         extras: BlockExtras = inputs.extras
-        index_N = jnp.arange(n)
-        base_mask_BxNx1xM = ((index_N[:, None] >= index_N[None, :])[None]
-                             & same_segment(extras.base_segments_BxN, extras.base_segments_BxN))[:, :, None]
+        base_mask_BxNx1xM = _prefix_mask(extras.base_segments_BxN)[:, :, None]
         step_S = jnp.arange(1, s + 1)
         own_mask_SxS = step_S[:, None] >= step_S[None, :]
         if self.sliding_window is not None:
@@ -424,14 +426,20 @@ def _base_pass(config: ModelConfig, qs: QuietStarConfig, lm: _LM, tokens_BxN, se
     return _BasePass(h_BxNxD, kv, positions_BxN, segments_BxN, targets_CxBxN, valid_CxBxN, logp_BxN)
 
 
+def thought_embeddings(qs: QuietStarConfig, params: Params) -> tuple[jax.Array, jax.Array]:
+    """Start and end embeddings as fed (training and decoding): stored / embedding_scale,
+    used x embedding_scale."""
+    return params["thought"]["start"] * qs.embedding_scale, params["thought"]["end"] * qs.embedding_scale
+
+
 def _thought_embeddings(config: ModelConfig, qs: QuietStarConfig, params: Params) -> tuple[jax.Array, jax.Array]:
-    """Start and end embeddings as fed: stored / embedding_scale, used x embedding_scale."""
     dtype = jnp.dtype(config.dtype)
-    return tuple((params["thought"][name] * qs.embedding_scale).astype(dtype) for name in ("start", "end"))
+    return tuple(x.astype(dtype) for x in thought_embeddings(qs, params))
 
 
-def _mix(config: ModelConfig, qs: QuietStarConfig, params: Params, h_base_xD, h_thought_xD):
-    """(h_mix, w): h_mix = (1 - w) h_base + w h_thought, w from the mixing head."""
+def mix_hidden(config: ModelConfig, qs: QuietStarConfig, params: Params, h_base_xD, h_thought_xD):
+    """(h_mix, w): h_mix = (1 - w) h_base + w h_thought, w from the mixing head; the one
+    mixing formula of training and decoding."""
     w_x = mixing_head_module(config, qs).apply({"params": params["mixing_head"]}, h_base_xD, h_thought_xD)
     w_xx1 = w_x[..., None].astype(h_base_xD.dtype)
     return (1 - w_xx1) * h_base_xD + w_xx1 * h_thought_xD, w_x.astype(jnp.float32)
@@ -447,9 +455,14 @@ def _talk_rows(lm: _LM, talk_distribution: bool):
     return talk_rows
 
 
-def _thought_token_logp(lm: _LM, qs: QuietStarConfig, h_RxD, token_R):
+def _thought_logits(lm: _LM, qs: QuietStarConfig, h_RxD):
+    """Next-token logits inside a thought: the start/end ids are never sampled."""
+    return mask_thought_tokens(lm.logits(h_RxD), qs)
+
+
+def _reinforce_logp(qs: QuietStarConfig, thought_logits_RxV, token_R):
     """REINFORCE's log-prob of a thought token: log softmax(logits / reinforce_temperature)."""
-    return token_logp(mask_thought_tokens(lm.logits(h_RxD), qs) / qs.reinforce_temperature, token_R)
+    return token_logp(thought_logits_RxV / qs.reinforce_temperature, token_R)
 
 
 def rollout(
@@ -545,10 +558,10 @@ def _sampling_scan(config, qs: QuietStarConfig, params, lm: _LM, base: _BasePass
     maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
 
     def sample_rows(h_RxD, uniform_R, forced_R=None):
-        logits_RxV = mask_thought_tokens(lm.logits(h_RxD), qs)
+        logits_RxV = _thought_logits(lm, qs, h_RxD)
         if forced_R is None:
             forced_R = sample_thought_tokens(jax.lax.stop_gradient(logits_RxV), uniform_R, qs.thought_temperature)
-        return forced_R, token_logp(logits_RxV / qs.reinforce_temperature, forced_R)  # = _thought_token_logp
+        return forced_R, _reinforce_logp(qs, logits_RxV, forced_R)
 
     @maybe_remat
     def sample_step(carry, xs):
@@ -594,7 +607,7 @@ def _scan_rollout(config, qs: QuietStarConfig, params, lm: _LM, base: _BasePass,
     def talk_step(cache, xs):
         step, x_BxTxD, h_base_BxTxD, target_BxT = xs
         h_thought_BxTxD, cache = think(x_BxTxD, step, cache)
-        h_mix_BxTxD, w_BxT = _mix(config, qs, params, h_base_BxTxD, h_thought_BxTxD)
+        h_mix_BxTxD, w_BxT = mix_hidden(config, qs, params, h_base_BxTxD, h_thought_BxTxD)
         return cache, (rows_in_chunks(talk_rows, qs.logits_chunk_rows, h_mix_BxTxD, target_BxT), w_BxT)
 
     talk_steps_C = jnp.arange(qs.n_ahead - 1, qs.n_ahead - 1 + c_talk, dtype=jnp.int32)
@@ -635,7 +648,10 @@ def _teacher_forced_rollout(config, qs: QuietStarConfig, params, lm: _LM, base: 
 
     # Steps 1..n_sampled predicted the sampled tokens; their REINFORCE log-probs.
     sampled_BxTxS = sampled_SxBxT.transpose(1, 2, 0)
-    sample_logp_BxTS = rows_in_chunks(functools.partial(_thought_token_logp, lm, qs), qs.logits_chunk_rows,
+    def reinforce_rows(h_RxD, token_R):
+        return _reinforce_logp(qs, _thought_logits(lm, qs, h_RxD), token_R)
+
+    sample_logp_BxTS = rows_in_chunks(reinforce_rows, qs.logits_chunk_rows,
                                       h_BxTxSxD[:, :, :s_sampled].reshape(b, -1, d), sampled_BxTxS.reshape(b, -1))
     sample_logp_SxBxT = sample_logp_BxTS.reshape(b, p * n, s_sampled).transpose(2, 0, 1)
 
@@ -643,7 +659,7 @@ def _teacher_forced_rollout(config, qs: QuietStarConfig, params, lm: _LM, base: 
     h_thought_BxTxCxD = h_BxTxSxD[:, :, qs.n_ahead - 2:]
     h_base_BxTxCxD = jnp.stack([tile(_shift_left(base.h_BxNxD, c, 0)) for c in range(c_talk)], axis=2)
     targets_BxTxC = tile(base.targets_CxBxN.transpose(1, 2, 0))
-    h_mix_BxTxCxD, w_BxTxC = _mix(config, qs, params, h_base_BxTxCxD, h_thought_BxTxCxD)
+    h_mix_BxTxCxD, w_BxTxC = mix_hidden(config, qs, params, h_base_BxTxCxD, h_thought_BxTxCxD)
     talk_out = rows_in_chunks(_talk_rows(lm, talk_distribution), qs.logits_chunk_rows,
                               h_mix_BxTxCxD.reshape(b, -1, d), targets_BxTxC.reshape(b, -1))
     to_CxBxT = lambda x_BxTC: x_BxTC.reshape(b, p * n, c_talk).transpose(2, 0, 1)

@@ -7,7 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.decode import REAL_TOKEN_STREAM, mixed_logits, sample_tokens, thought_embeddings
+from qstar_jax.decode import REAL_TOKEN_STREAM, mixed_logits, sample_tokens
+from qstar_jax.quiet_star import thought_embeddings
 from qstar_jax.model import AttentionInputs, Transformer, embed, lm_head
 from qstar_jax.quiet_star import mask_thought_tokens
 

@@ -388,3 +388,5 @@ def test_two_pass_rejects_the_dense_mask_attention():
 
     with pytest.raises(UserError, match="attention_impl='dense_mask' runs only with rollout_impl='scan'"):
         QS.replace(rollout_impl="two_pass", attention_impl="dense_mask")
+    with pytest.raises(UserError, match="rollout_impl must be 'scan' or 'two_pass', got 'fast'"):
+        QS.replace(rollout_impl="fast")
