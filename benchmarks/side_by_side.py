@@ -1,10 +1,16 @@
 """Our train step against the official PyTorch step, measured alternately in one run; prints JSON.
 
 Machines differ several-fold in speed, so a figure recorded elsewhere says nothing: this
-runs the official step and ours at the same shape in alternation (official first in even
-pairs, ours first in odd ones, each in a fresh process), measures this machine's f32
+runs the official step and ours at the same shape in alternation (official, ours, plain
+in even pairs, the reverse in odd ones, each in a fresh process), measures this machine's f32
 matmul peak before and after, and prints the ratio of the medians, the per-pair ratios,
 our model FLOP/s as a share of that peak (MFU), and each side's peak memory.
+
+Each pair also times a ceiling: a plain next-token train step of the same model (XLA,
+same per-layer remat) over as many token passes as one Quiet-STaR step (`plain_batch`
+rows). `ceiling_speedup` is the official step's time over ours run at that plain step's
+FLOP rate, the ratio our step would reach if the thoughts cost no more per FLOP than
+ordinary training; `ours_over_plain_rate` is our FLOP rate as a share of the plain one.
 
     python benchmarks/side_by_side.py --official-python VENV/bin/python \
         [--shape tiny|smollm2] [--set seq=128 ...] [--ours rollout_impl=two_pass --ours remat=1]
@@ -104,9 +110,13 @@ def run_official(python: str, shape: dict, steps: int, memory_gb: float) -> dict
     return last_json_line(subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_memory))
 
 
-def run_ours(shape: dict, ours: dict[str, str], steps: int) -> dict:
+def run_ours(shape: dict, ours: dict[str, str], steps: int, plain: bool = False) -> dict:
+    """Our Quiet-STaR step, or with `plain` the plain next-token step of the same model over
+    as many token passes (the ceiling: `plain_batch`), with the same per-layer remat."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     settings = {"rollout_impl": ours.get("rollout_impl", "scan"), "remat": ours.get("remat") == "1"}
+    if plain:
+        settings.update(objective="next_token", batch=plain_batch(shape))
     spec = json.dumps({**shape, **settings, "variant": "parallel"})
     command = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), "--child", spec, "--steps", str(steps)]
     return last_json_line(subprocess.run(command, capture_output=True, text=True, env=env))
@@ -123,17 +133,37 @@ def matmul_peak() -> dict[str, float]:
     return {str(size): gflops for size, gflops in json.loads(result.stdout).items()}
 
 
-def model_flops(shape: dict) -> float:
-    """Model FLOPs of our step (forward + backward, what MFU counts; remat and the
-    two-pass sampling scan are extra work, not extra model FLOPs)."""
+def configs(shape: dict):
+    """(ModelConfig, QuietStarConfig) of a shape, as both child processes build them."""
     from qstar_jax.config import ModelConfig, QuietStarConfig
-    from qstar_jax.flops import step_flops
 
     model = ModelConfig("mistral", shape["vocab"], shape["hidden"], shape["inter"], shape["layers"], shape["heads"],
                         shape["kv"], shape["hidden"] // shape["heads"], sliding_window=4096)
     qs = QuietStarConfig(n_ahead=shape["n_ahead"], n_ahead_talk=shape["n_ahead_talk"], n_passes=shape["n_passes"],
                          start_token_id=shape["vocab"] - 2, end_token_id=shape["vocab"] - 1)
+    return model, qs
+
+
+def plain_batch(shape: dict) -> int:
+    """Rows of the plain LM step that passes as many tokens through the layers as one
+    Quiet-STaR step: the text once plus every step of every thought (n_passes x n_steps)."""
+    _, qs = configs(shape)
+    return shape["batch"] * (1 + qs.n_passes * qs.n_steps)
+
+
+def model_flops(shape: dict) -> float:
+    """Model FLOPs of our step (forward + backward, what MFU counts; remat and the
+    two-pass sampling scan are extra work, not extra model FLOPs)."""
+    from qstar_jax.flops import step_flops
+
+    model, qs = configs(shape)
     return step_flops(model, qs, shape["batch"], shape["seq"])["model_flops_per_step"]
+
+
+def plain_flops(shape: dict) -> float:
+    from qstar_jax.flops import lm_step_flops
+
+    return lm_step_flops(configs(shape)[0], plain_batch(shape), shape["seq"])
 
 
 def summarise(shape: dict, settings: dict[str, str], pairs: list[dict], peaks: list[dict[str, float]]) -> dict:
@@ -147,9 +177,11 @@ def summarise(shape: dict, settings: dict[str, str], pairs: list[dict], peaks: l
         values = [pair[side][key] for pair in pairs if key in pair[side]]
         return max(values) if values else None
 
-    official, ours = median_of("official"), median_of("ours")
+    official, ours, plain = median_of("official"), median_of("ours"), median_of("plain")
     peak_gflops = max(value for peak in peaks for value in peak.values())
-    flops = model_flops(shape)
+    flops, flops_plain = model_flops(shape), plain_flops(shape)
+    # Our step at the plain LM step's FLOP rate: what XLA reaches on this model here.
+    ceiling_s = plain * flops / flops_plain if plain else None
     return {
         "shape": shape,
         "ours": settings,
@@ -163,6 +195,14 @@ def summarise(shape: dict, settings: dict[str, str], pairs: list[dict], peaks: l
         "model_gflops_per_step": round(flops / 1e9, 3),
         "ours_gflops_per_s": round(flops / ours / 1e9, 1) if ours else None,
         "ours_mfu": round(flops / ours / (peak_gflops * 1e9), 4) if ours else None,
+        "plain_lm": {
+            "batch": plain_batch(shape),
+            "step_s": plain,
+            "model_gflops_per_step": round(flops_plain / 1e9, 3),
+            "mfu": round(flops_plain / plain / (peak_gflops * 1e9), 4) if plain else None,
+        },
+        "ceiling_speedup": round(official / ceiling_s, 3) if official and ceiling_s else None,
+        "ours_over_plain_rate": round(ceiling_s / ours, 3) if ceiling_s and ours else None,
         "official_peak_rss_gb": peak_of("official", "peak_rss_gb"),
         "ours_peak_rss_gb": peak_of("ours", "peak_rss_gb"),
         "official_errors": sorted({p["official"]["error"] for p in pairs if "error" in p["official"]}),
@@ -187,11 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     shape, ours = {**SHAPES[args.shape], **parse_settings(args.set)}, parse_ours(args.ours)
     peaks, pairs = [matmul_peak()], []
     for index in range(args.pairs):
-        order = ("official", "ours") if index % 2 == 0 else ("ours", "official")
+        order = ("official", "ours", "plain") if index % 2 == 0 else ("plain", "ours", "official")
         pair = {"order": list(order)}
         for side in order:
             pair[side] = (run_official(args.official_python, shape, args.steps, args.official_memory_gb)
-                          if side == "official" else run_ours(shape, ours, args.steps))
+                          if side == "official" else run_ours(shape, ours, args.steps, plain=side == "plain"))
             print(json.dumps({"pair": index, "side": side, **pair[side]}), file=sys.stderr, flush=True)
         pairs.append(pair)
     peaks.append(matmul_peak())

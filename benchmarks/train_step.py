@@ -4,7 +4,7 @@ Anchor: the tiny random Mistral the official PyTorch code was measured with (hid
 2 layers, 4 heads / 2 KV heads, MLP 256, float32; batch 4, seq 256, n_ahead 12,
 n_ahead_talk 4, n_passes 2) at vocab 1000 and 32002, plus a sweep over seq and n_ahead.
 "variant" "dense_mask" runs the official algorithm (every thought query against an
-N x N*(S+2) key set) for comparison. Each configuration runs in its own subprocess so
+N x N*(S+2) key set) for comparison; "objective" "next_token" times a plain LM step instead. Each configuration runs in its own subprocess so
 `peak_rss_gb` is that configuration's own peak.
 
     python benchmarks/train_step.py [--quick] [--steps 5] [--profile]
@@ -55,13 +55,16 @@ def measure(spec: dict, steps: int) -> dict:
     config = ModelConfig("mistral", vocab, model["hidden"], model["inter"], model["layers"], model["heads"],
                          model["kv"], model["hidden"] // model["heads"], sliding_window=4096,
                          remat=bool(spec.get("remat", False)))
-    qs = QuietStarConfig(
-        n_ahead=spec["n_ahead"], n_ahead_talk=spec["n_ahead_talk"], n_passes=spec["n_passes"],
-        start_token_id=vocab - 2, end_token_id=vocab - 1, attention_impl=spec["variant"],
-        rollout_impl=spec.get("rollout_impl", "scan"),
-    )
     lm = init_params(config, jax.random.key(0))
-    params = init_quiet_star_params(config, qs, lm, lm["embed_tokens"]["embedding"][3], jax.random.key(1))
+    if spec.get("objective") == "next_token":  # the plain LM step (side_by_side.py's ceiling)
+        qs, params = None, lm
+    else:
+        qs = QuietStarConfig(
+            n_ahead=spec["n_ahead"], n_ahead_talk=spec["n_ahead_talk"], n_passes=spec["n_passes"],
+            start_token_id=vocab - 2, end_token_id=vocab - 1, attention_impl=spec["variant"],
+            rollout_impl=spec.get("rollout_impl", "scan"),
+        )
+        params = init_quiet_star_params(config, qs, lm, lm["embed_tokens"]["embedding"][3], jax.random.key(1))
     optimizer = make_optimizer(OptimizerConfig())
     state = init_train_state(params, optimizer, jax.random.key(2))
     step = make_train_step(config, qs, optimizer)

@@ -39,7 +39,7 @@ def test_side_by_side_alternates_and_reports_ratio_mfu_and_memory(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ours"] == {"rollout_impl": "two_pass", "remat": "1"}
     assert "os.fork() was called" not in result.stderr  # JAX never starts in the process that forks
-    assert [pair["order"] for pair in report["pairs"]] == [["official", "ours"], ["ours", "official"]]
+    assert [pair["order"] for pair in report["pairs"]] == [["official", "ours", "plain"], ["plain", "ours", "official"]]
     assert report["shape"]["seq"] == 16 and report["shape"]["hidden"] == 64  # --set over the tiny shape
     ours = sorted(pair["ours"]["step_s"] for pair in report["pairs"])
     assert report["ours_step_s"] == pytest.approx(sum(ours) / 2)  # the median of two
@@ -52,6 +52,16 @@ def test_side_by_side_alternates_and_reports_ratio_mfu_and_memory(tmp_path):
                                                rel=1e-2)
     assert report["official_peak_rss_gb"] == 3.5 and report["ours_peak_rss_gb"] > 0
     assert report["official_errors"] == []
+    # The ceiling: a plain LM step over as many token passes (1 + n_passes x n_steps rows
+    # per row: seq 16, n_ahead 4, talk 2 -> n_steps 4), at its own FLOP rate.
+    plain = report["plain_lm"]
+    assert plain["batch"] == 1 * (1 + 2 * 4) and all(p["plain"]["batch"] == 9 for p in report["pairs"])
+    assert all(p["plain"]["objective"] == "next_token" and p["plain"]["remat"] for p in report["pairs"])
+    plain_rate = plain["model_gflops_per_step"] / plain["step_s"]
+    assert report["ceiling_speedup"] == pytest.approx(
+        2.0 / (report["model_gflops_per_step"] / plain_rate), rel=1e-2)
+    assert report["ours_over_plain_rate"] == pytest.approx(
+        report["model_gflops_per_step"] / report["ours_step_s"] / plain_rate, rel=1e-2)
 
 
 def test_an_official_step_out_of_memory_is_reported_not_raised(tmp_path):
