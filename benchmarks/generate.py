@@ -17,10 +17,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
-from qstar_jax.decode import generate
-from qstar_jax.model import init_params
-from qstar_jax.quiet_star import init_quiet_star_params
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.inference.decode import generate
+from qstar_jax.models.transformer import init_params
+from qstar_jax.method.mixing import init_quiet_star_params
 
 
 def main() -> None:

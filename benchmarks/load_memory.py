@@ -6,7 +6,7 @@ Writes a random Llama-shaped HF checkpoint (bfloat16 safetensors shards, about 1
 defaults, written tensor by tensor), then measures in fresh processes:
   * `convert`: peak RSS of `python -m qstar_jax.convert` to a float32 model directory;
   * `load_8_devices`: peak RSS of one process restoring that model directory sharded over
-    8 forced CPU devices in float32 (`checkpoint.load_model`, what `init_from` does), and
+    8 forced CPU devices in float32 (`model_files.load_model`, what `init_from` does), and
     of loading the HF directory itself the same way (`hf.load_hf_model`);
   * `data_rows`: training rows per second one process builds from OpenWebMath-shaped parquet
     shards (documents of ~2,300 tokens, row groups of 1,000, as the HF hub ships them):
@@ -36,8 +36,8 @@ def write_hf_checkpoint(directory: str, hidden: int, layers: int, vocab: int, sh
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from qstar_jax.hf import config_to_hf
-    from qstar_jax.config import ModelConfig
+    from qstar_jax.models.hf import config_to_hf
+    from qstar_jax.models.config import ModelConfig
 
     heads = hidden // 128
     config = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -67,7 +67,7 @@ def write_hf_checkpoint(directory: str, hidden: int, layers: int, vocab: int, sh
         save_file(current, os.path.join(directory, f"shard-{len(shards):05d}.safetensors"))
     weight_map = {}
     for index in range(1, len(shards) + 1):
-        from qstar_jax.hf import SafetensorsFile
+        from qstar_jax.models.hf import SafetensorsFile
 
         file = f"shard-{index:05d}.safetensors"
         weight_map |= {name: file for name in SafetensorsFile(os.path.join(directory, file)).header}
@@ -99,7 +99,7 @@ def data_rows(workdir: str, documents: int = 6000, seq_len: int = 256, rows: int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qstar_jax import data
+    from qstar_jax.training import data
     from qstar_jax.tokenizer import train_bpe_tokenizer
 
     problems = data.default_corpus(documents * 4, seed=1)
@@ -143,11 +143,11 @@ def main() -> None:
     count = write_hf_checkpoint(hf_dir, args.hidden, args.layers, args.vocab)
     stored_gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 2**30
     base = peak_rss_gb("import jax, qstar_jax.train")[0]
-    convert = peak_rss_gb(f"from qstar_jax import convert; convert.main(['--hf-checkpoint', {hf_dir!r}, "
+    convert = peak_rss_gb(f"from qstar_jax.models import convert; convert.main(['--hf-checkpoint', {hf_dir!r}, "
                           f"'--output', {model_dir!r}])")
-    load = ("from qstar_jax import checkpoint, hf, sharding; mesh = sharding.make_mesh(1, 8, 1); "
+    load = ("from qstar_jax.models import hf, model_files, sharding; mesh = sharding.make_mesh(1, 8, 1); "
             "import jax; assert jax.device_count() == 8; ")
-    from_model = peak_rss_gb(load + f"checkpoint.load_model({model_dir!r}, mesh, 'float32')", devices=8)
+    from_model = peak_rss_gb(load + f"model_files.load_model({model_dir!r}, mesh, 'float32')", devices=8)
     from_hf = peak_rss_gb(load + f"hf.load_hf_model({hf_dir!r}, 'float32', mesh)", devices=8)
     float32_gb = count * 4 / 2**30
     print(json.dumps({"params": count, "hf_bf16_gb": round(stored_gb, 3), "model_dir_float32_gb": round(float32_gb, 3),

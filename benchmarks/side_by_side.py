@@ -126,7 +126,7 @@ def matmul_peak() -> dict[str, float]:
     """GFLOP/s of the best f32 square matmul of each size, on this machine, now. Measured in
     a child process: this one forks the official step, and forking a process whose JAX
     runtime has started its threads can deadlock."""
-    code = ("import json; from qstar_jax.flops import measured_matmul_peak as m; "
+    code = ("import json; from qstar_jax.training.flops import measured_matmul_peak as m; "
             f"print(json.dumps({{s: round(m(s) / 1e9, 1) for s in {MATMUL_SIZES!r}}}))")
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -135,7 +135,8 @@ def matmul_peak() -> dict[str, float]:
 
 def configs(shape: dict):
     """(ModelConfig, QuietStarConfig) of a shape, as both child processes build them."""
-    from qstar_jax.config import ModelConfig, QuietStarConfig
+    from qstar_jax.models.config import ModelConfig
+    from qstar_jax.method.config import QuietStarConfig
 
     model = ModelConfig("mistral", shape["vocab"], shape["hidden"], shape["inter"], shape["layers"], shape["heads"],
                         shape["kv"], shape["hidden"] // shape["heads"], sliding_window=4096)
@@ -154,14 +155,14 @@ def plain_batch(shape: dict) -> int:
 def model_flops(shape: dict) -> float:
     """Model FLOPs of our step (forward + backward, what MFU counts; remat and the
     two-pass sampling scan are extra work, not extra model FLOPs)."""
-    from qstar_jax.flops import step_flops
+    from qstar_jax.training.flops import step_flops
 
     model, qs = configs(shape)
     return step_flops(model, qs, shape["batch"], shape["seq"])["model_flops_per_step"]
 
 
 def plain_flops(shape: dict) -> float:
-    from qstar_jax.flops import lm_step_flops
+    from qstar_jax.training.flops import lm_step_flops
 
     return lm_step_flops(configs(shape)[0], plain_batch(shape), shape["seq"])
 

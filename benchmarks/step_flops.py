@@ -22,8 +22,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
-from qstar_jax.flops import forward_flops, step_flops
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.training.flops import forward_flops, step_flops
 
 
 def load_experiment(path: str):
@@ -45,8 +46,9 @@ def check_against_xla() -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from qstar_jax.model import init_params
-    from qstar_jax.quiet_star import init_quiet_star_params, quiet_star_loss
+    from qstar_jax.models.transformer import init_params
+    from qstar_jax.method.mixing import init_quiet_star_params
+    from qstar_jax.method.loss import quiet_star_loss
 
     m = ModelConfig(model_type="mistral", vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=2,
                     num_heads=8, num_kv_heads=2, head_dim=64, scan_unroll=2)

@@ -46,10 +46,11 @@ def measure(spec: dict, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qstar_jax.config import ModelConfig, QuietStarConfig
-    from qstar_jax.model import init_params
-    from qstar_jax.quiet_star import init_quiet_star_params
-    from qstar_jax.train_step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
+    from qstar_jax.models.config import ModelConfig
+    from qstar_jax.method.config import QuietStarConfig
+    from qstar_jax.models.transformer import init_params
+    from qstar_jax.method.mixing import init_quiet_star_params
+    from qstar_jax.training.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
     vocab, model = spec["vocab"], {**TINY_MODEL, **spec}
     config = ModelConfig("mistral", vocab, model["hidden"], model["inter"], model["layers"], model["heads"],

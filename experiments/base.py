@@ -9,9 +9,10 @@ import dataclasses
 
 import ml_collections
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
-from qstar_jax.ntp import NTPConfig
-from qstar_jax.train_step import OptimizerConfig
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.ntp import NTPConfig
+from qstar_jax.training.step import OptimizerConfig
 
 # Thought token ids come from the tokenizer at run time, never from a config file.
 _RUNTIME_QUIET_STAR_FIELDS = ("start_token_id", "end_token_id")
@@ -57,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.ntp = ml_collections.ConfigDict({**_fields(NTPConfig), "teacher": "", "teacher_step": 0})
     # Fast Quiet-STaR: a chain of stages, each a run from the previous stage's best
     # checkpoint by `metric` (an evaluation metric: eval/nll_next, eval/average/accuracy with
-    # eval_tasks, ...). Each stage is a dict of qstar_jax.curriculum.Stage fields:
+    # eval_tasks, ...). Each stage is a dict of qstar_jax.training.curriculum.Stage fields:
     # name, method, steps, learning_rate, every, [n_ahead, n_ahead_talk, student_init].
     # Empty: a single run. bench_tokens: tokens generated to time each stage's pick (0: skip).
     # reinit_thoughts: a Quiet-STaR run started from a thinking checkpoint (every curriculum

@@ -14,16 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
-from qstar_jax.model import AttentionInputs, Transformer, forward, positions_from_valid
-from qstar_jax.quiet_star import (
-    Rollout,
-    mask_thought_tokens,
-    mixing_head_module,
-    sample_thought_tokens,
-    talk_targets,
-    thought_uniforms,
-)
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.models.transformer import AttentionInputs, Transformer, forward, positions_from_valid
+from qstar_jax.method.heads import Rollout
+from qstar_jax.method.sampling import mask_thought_tokens, sample_thought_tokens, thought_uniforms
+from qstar_jax.method.mixing import mixing_head_module
+from qstar_jax.method.base_pass import talk_targets
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -18,7 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from experiments import tiny_cpu  # noqa: E402
 from hf_models import make_tiny_hf_model  # noqa: E402
-from qstar_jax import checkpoint, convert, sharding, train  # noqa: E402
+from qstar_jax.training import checkpoint
+from qstar_jax.models import model_files
+from qstar_jax.models import convert
+from qstar_jax.models import sharding
+from qstar_jax.training import trainer as train# noqa: E402
 from qstar_jax.tokenizer import load_tokenizer  # noqa: E402
 from tokenizers_local import train_bpe_json  # noqa: E402
 
@@ -70,7 +74,7 @@ def main(workdir: str) -> None:
                         "data.seq_len": 24, "data.default_documents": 200, "data.eval_documents": 0,
                         "quiet_star.n_ahead": 4, "quiet_star.n_ahead_talk": 2})
     train.train_run(cfg, run_dir)
-    _, before = checkpoint.load_model(model_dir, mesh, "float32")
+    _, before = model_files.load_model(model_dir, mesh, "float32")
     after, _ = checkpoint.TrainCheckpoints(os.path.join(run_dir, "checkpoints"), keep=10).restore_params(1, mesh)
     moved = {jax.tree_util.keystr(path):  # over the original vocab (the head grew by the thought tokens)
              float(np.mean(np.asarray(a)[tuple(slice(0, n) for n in b.shape)] != np.asarray(b)))

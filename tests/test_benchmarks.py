@@ -100,8 +100,9 @@ def test_the_official_sides_tokenizer_has_the_exact_vocabulary():
 def test_two_pass_counts_the_sampling_scan_instead_of_the_step_remat():
     """flops.step_flops: both rollouts have the same model FLOPs; "executed" adds the step
     recomputation for the scan and the forward-only sampling scan for two_pass."""
-    from qstar_jax.config import ModelConfig, QuietStarConfig
-    from qstar_jax.flops import step_flops
+    from qstar_jax.models.config import ModelConfig
+    from qstar_jax.method.config import QuietStarConfig
+    from qstar_jax.training.flops import step_flops
 
     model = ModelConfig("mistral", 1000, 64, 256, 2, 4, 2, 16)
     qs = QuietStarConfig(n_ahead=12, n_ahead_talk=4, n_passes=2, start_token_id=998, end_token_id=999,

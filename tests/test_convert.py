@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from hf_models import make_tiny_hf_model, torch_logits
-from qstar_jax import checkpoint, convert, hf
+from qstar_jax.models import model_files
+from qstar_jax.models import convert
+from qstar_jax.models import hf
 from qstar_jax.errors import UserError
-from qstar_jax.model import apply_lm
+from qstar_jax.models.transformer import apply_lm
 from qstar_jax.tokenizer import load_tokenizer
 from tokenizers_local import train_bpe_json
 
@@ -27,8 +29,8 @@ def test_convert_round_trip_with_tokenizer(tmp_path):
     torch_model = make_tiny_hf_model("qwen2_bias", hf_dir)
     train_bpe_json(hf_dir)
     convert.main(["--hf-checkpoint", hf_dir, "--output", model_dir])
-    config, params = checkpoint.load_model(model_dir)
-    assert checkpoint.load_model_tokenizer(model_dir).encode("cat sat") == load_tokenizer(hf_dir).encode("cat sat")
+    config, params = model_files.load_model(model_dir)
+    assert model_files.load_model_tokenizer(model_dir).encode("cat sat") == load_tokenizer(hf_dir).encode("cat sat")
     tokens = np.arange(10)[None] % 97
     ref = torch_logits(torch_model, tokens)
     assert np.abs(np.asarray(apply_lm(config, params, tokens)) - ref).max() <= 1e-4
@@ -43,7 +45,7 @@ def test_convert_bfloat16_params(tmp_path):
     hf_dir, model_dir = str(tmp_path / "hf"), str(tmp_path / "model")
     make_tiny_hf_model("llama_tied", hf_dir)
     convert.main(["--hf-checkpoint", hf_dir, "--output", model_dir, "--dtype", "bfloat16"])
-    config, params = checkpoint.load_model(model_dir)
+    config, params = model_files.load_model(model_dir)
     assert config.param_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("bfloat16")}
     _, params32 = hf.load_hf_model(hf_dir)
@@ -121,4 +123,4 @@ def test_wrong_architecture_params_are_refused(tmp_path):
     convert.main(["--hf-checkpoint", str(tmp_path / "b"), "--output", str(tmp_path / "mb")])
     os.replace(tmp_path / "mb" / "model_config.json", tmp_path / "ma" / "model_config.json")
     with pytest.raises(UserError, match="do not match its model config"):
-        checkpoint.load_model(str(tmp_path / "ma"))
+        model_files.load_model(str(tmp_path / "ma"))

@@ -16,11 +16,13 @@ import pytest
 from process_env import forced_devices
 from test_train import REPO, assert_ok
 
-from qstar_jax import checkpoint, curriculum, train
-from qstar_jax.config import ModelConfig
-from qstar_jax.decode import generate
-from qstar_jax.model import apply_lm, init_params
-from qstar_jax.ntp import NTPConfig, ntp_loss, ntp_terms
+from qstar_jax.training import checkpoint
+from qstar_jax.training import curriculum
+from qstar_jax.training import trainer as train
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.inference.decode import generate
+from qstar_jax.models.transformer import apply_lm, init_params
+from qstar_jax.method.ntp import NTPConfig, ntp_loss, ntp_terms
 from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 
 SMALL_DATA = {"seq_len": 24, "default_documents": 300, "eval_documents": 20}
@@ -96,7 +98,7 @@ def test_kl_teacher_distribution_is_the_post_thought_prediction():
     thoughts), renormalised over the student's vocabulary (the thought ids dropped)."""
     from test_quiet_star import CONFIGS, QS, VOCAB, make_batch, make_params
 
-    from qstar_jax.ntp import teacher_batches, teacher_config
+    from qstar_jax.method.ntp import teacher_batches, teacher_config
 
     config, qs = CONFIGS["llama"], teacher_config(QS, NTPConfig())
     params = make_params(config)
@@ -161,7 +163,7 @@ def test_reinit_thoughts_switch_restores_the_initial_thought_parts():
     thinking checkpoint gets "---" start/end embeddings and a zero mixing-head output
     layer again; off (the default) it keeps its predecessor's."""
     from experiments import base
-    from qstar_jax.quiet_star import init_quiet_star_params
+    from qstar_jax.method.mixing import init_quiet_star_params
 
     class Tokenizer:
         def encode(self, text):

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from qstar_jax import data
+from qstar_jax.training import data
 from qstar_jax.errors import UserError
 
 
@@ -199,7 +199,7 @@ def test_rows_read_only_their_own_documents():
 
 
 def test_held_out_problems_are_gsm8k_records(tmp_path):
-    from qstar_jax.tasks import load_examples
+    from qstar_jax.inference.tasks import load_examples
 
     path = tmp_path / "problems.jsonl"
     data.main(["--write-problems", str(path), "--count", "20", "--seed", "7"])

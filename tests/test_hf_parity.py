@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from hf_models import TINY_MODELS, make_tiny_hf_model, torch_logits
-from qstar_jax import hf
+from qstar_jax.models import hf
 from qstar_jax.errors import UserError
-from qstar_jax.model import apply_lm, decode_step, init_cache
+from qstar_jax.models.transformer import apply_lm
+from qstar_jax.models.kv_cache import decode_step, init_cache
 
 TOLERANCE = 1e-4  # float32 logits vs transformers, as the issue states; never loosened
 SEQ = 12  # longer than the Mistral test window (5)

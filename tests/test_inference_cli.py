@@ -13,7 +13,8 @@ import pytest
 
 from test_tasks import RECORDS, write_jsonl
 from test_train import REPO, assert_ok, metrics, run_train
-from qstar_jax import checkpoint
+from qstar_jax.training import checkpoint
+from qstar_jax.models import model_files
 from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 
 
@@ -71,7 +72,7 @@ def test_evaluate_cli_and_bad_input(run_dir, tmp_path):
 
 def test_plain_lm_with_think_is_refused(run_dir, tmp_path):
     config, _, params, tokenizer = checkpoint.load_for_inference(str(run_dir))
-    checkpoint.save_model(str(tmp_path / "plain"), config, params["lm"], tokenizer)
+    model_files.save_model(str(tmp_path / "plain"), config, params["lm"], tokenizer)
     one_line_error(cli("generate", "--checkpoint", tmp_path / "plain", "--prompt", "hi"), "has no thought parameters")
     ok = cli("generate", "--checkpoint", tmp_path / "plain", "--prompt", "Ava has", "--no-think", "--max-new-tokens", 3)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -125,7 +126,7 @@ def test_plain_lm_training_method(tmp_path):
 @pytest.mark.parametrize("flag,value,message", [("--max-new-tokens", "-3", "--max-new-tokens must be >= 1, got -3"),
                                                 ("--temperature", "-1", "--temperature must be >= 0")])
 def test_generate_refuses_nonsense_settings_in_one_line(capsys, flag, value, message):
-    from qstar_jax import generate
+    from qstar_jax.inference import generate
 
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--checkpoint", "never-read", "--prompt", "hi", flag, value])
@@ -135,7 +136,7 @@ def test_generate_refuses_nonsense_settings_in_one_line(capsys, flag, value, mes
 
 
 def test_analyze_refuses_bad_settings_before_loading(tmp_path, capsys):
-    from qstar_jax import analyze
+    from qstar_jax.inference import analyze
 
     (tmp_path / "file").write_text("x")
     for args, message in ((["--seq-len", "0"], "--seq-len must be >= 2 (a token and its successor), got 0"),
@@ -149,8 +150,8 @@ def test_analyze_refuses_bad_settings_before_loading(tmp_path, capsys):
 def test_prompt_longer_than_the_context_is_refused_by_generate_and_cut_by_evaluate(run_dir, capsys):
     """The rule (decode.prompt_room): prompt + new tokens + one thought's slots must fit
     max_position_embeddings; generate refuses a longer prompt, evaluate keeps its end."""
-    from qstar_jax import generate
-    from qstar_jax.evaluate import Evaluator, _ids
+    from qstar_jax.inference import generate
+    from qstar_jax.inference.evaluate import Evaluator, _ids
 
     config, qs, params, tokenizer = checkpoint.load_for_inference(str(run_dir))
     long_prompt = "Ava has 3 apples. " * config.max_position_embeddings
@@ -166,7 +167,7 @@ def test_prompt_longer_than_the_context_is_refused_by_generate_and_cut_by_evalua
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     assert len(ids) == room and ids == bos + full[len(full) - room + len(bos):]
     assert len(_ids(Evaluator(config, qs, params, tokenizer, False), "Ava has 3 apples.", 5)) < room  # short: whole
-    from qstar_jax.decode import prompt_room
+    from qstar_jax.inference.decode import prompt_room
     from qstar_jax.errors import UserError
 
     with pytest.raises(UserError, match=f"and {qs.n_ahead} thought slots leave no room for a prompt"):

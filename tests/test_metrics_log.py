@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qstar_jax.metrics_log import MetricsLog
+from qstar_jax.training.metrics import MetricsLog
 
 
 def _steps(path) -> list[int]:

@@ -21,7 +21,7 @@ import pytest
 from gcs_emulator import delete_prefix, object_names, running_emulator
 from hf_models import make_tiny_hf_model
 from process_env import forced_devices, without_compilation_cache
-from qstar_jax.data import arithmetic_problems, default_corpus
+from qstar_jax.training.data import arithmetic_problems, default_corpus
 from qstar_jax.tokenizer import load_tokenizer
 from test_train import _free_port
 from tokenizers_local import train_bpe_json
@@ -145,7 +145,7 @@ def test_pod_rehearsal_on_a_bucket(tmp_path):
         state_objects = [n for n in names if n.startswith(f"{newest}/state/")]
         victim = max(state_objects, key=lambda n: recorded[n[len(newest) + 1:]]["bytes"])
         _upload(env, victim, bytes(b ^ 0xFF if i < 64 else b for i, b in enumerate(_read(env, victim))))
-        check = "from qstar_jax import checkpoint as c; import sys; print(c.verify_step(c.paths.path(sys.argv[1])))"
+        check = "from qstar_jax.training import manifest; import sys; print(manifest.verify_step(manifest.paths.path(sys.argv[1])))"
         result = subprocess.run([sys.executable, "-c", check, f"gs://{BUCKET}/{newest}"], cwd=cwd, env=_env(env, 1),
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from quiet_star_reference import reference_rollout
-from qstar_jax.config import ModelConfig, QuietStarConfig
-from qstar_jax.model import init_params
-from qstar_jax.quiet_star import init_quiet_star_params, loss_terms, quiet_star_loss, rollout
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.models.transformer import init_params
+from qstar_jax.method.mixing import init_quiet_star_params
+from qstar_jax.method.loss import loss_terms, quiet_star_loss
+from qstar_jax.method.rollout import rollout
 
 VOCAB = 50
 QS = QuietStarConfig(n_ahead=6, n_ahead_talk=3, n_passes=2, start_token_id=VOCAB - 2, end_token_id=VOCAB - 1)
@@ -125,7 +128,7 @@ def test_loss_terms_match_hand_computation():
     """Two passes, one position with a complete talk horizon: check every formula by hand."""
     qs = QuietStarConfig(n_ahead=4, n_ahead_talk=2, n_passes=2, start_token_id=0, end_token_id=1,
                          policy_loss_weight=10.0, base_loss_weight=0.25)
-    from qstar_jax.quiet_star import Rollout
+    from qstar_jax.method.heads import Rollout
 
     base = jnp.array([[-1.0, -2.0, -3.0]])  # B=1, N=3
     valid_c = jnp.array([[[True, True, False]], [[True, False, False]]])  # C=2: only j=0 complete
@@ -170,7 +173,7 @@ def test_bad_thought_ids_are_a_clear_error():
 
 
 def test_training_on_a_fixed_batch_lowers_the_loss():
-    from qstar_jax.train_step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
+    from qstar_jax.training.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
     config = CONFIGS["llama"]
     # The official policy weight (1e6) is paired with lr 1e-6; at this test's lr 1e-3 a
@@ -195,7 +198,7 @@ def test_training_on_a_fixed_batch_lowers_the_loss():
 
 
 def test_decay_mask_selects_weight_matrices_only():
-    from qstar_jax.train_step import decay_mask
+    from qstar_jax.training.step import decay_mask
 
     params = make_params(CONFIGS["qwen2_tied"])
     mask = decay_mask(params)
@@ -205,7 +208,7 @@ def test_decay_mask_selects_weight_matrices_only():
 
 
 def test_sampler_follows_the_softmax_distribution():
-    from qstar_jax.quiet_star import sample_thought_tokens
+    from qstar_jax.method.sampling import sample_thought_tokens
 
     probs = np.array([0.05, 0.2, 0.0, 0.3, 0.15, 0.1, 0.2])  # 7 ids: blocks of 3, one id a padded block
     logits = jnp.log(jnp.asarray(np.tile(probs, (40000, 1)))) * 2.0  # temperature 2 undoes the x2
@@ -245,7 +248,7 @@ def test_targets_are_the_next_true_tokens():
     """Target alignment checked without `talk_targets`: at init (mixing weight 0) talk step c
     at position j scores x_{j+1+c} with the base model's own log-prob given x_<=j+c, taken
     here from plain LM logits; the base term scores x_{j+1} given x_<=j."""
-    from qstar_jax.model import apply_lm
+    from qstar_jax.models.transformer import apply_lm
 
     config = CONFIGS["llama"]
     params = make_params(config, trained_head=False)
@@ -312,7 +315,7 @@ def test_packed_documents_do_not_see_each_other():
 
 
 def test_positions_restart_at_each_segment():
-    from qstar_jax.model import positions_from_segments
+    from qstar_jax.models.transformer import positions_from_segments
 
     segments = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]], jnp.int32)
     np.testing.assert_array_equal(positions_from_segments(segments)[:, :6], [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]])
@@ -323,7 +326,7 @@ def test_positions_restart_at_each_segment():
 def test_a_lone_thought_is_rewarded_by_its_raw_gain():
     """n_passes = 1: no sibling mean to subtract (it would make every reward 0); the reward
     is the thought's own gain over the base, clipped at 0, as in the official code."""
-    from qstar_jax.quiet_star import Rollout
+    from qstar_jax.method.heads import Rollout
 
     qs = QuietStarConfig(n_ahead=4, n_ahead_talk=1, n_passes=1, start_token_id=0, end_token_id=1)
     base = jnp.array([[-1.0, -2.0, -3.0]])

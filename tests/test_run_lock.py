@@ -8,7 +8,7 @@ import time
 import pytest
 from gcs_emulator import running_emulator
 
-from qstar_jax import run_lock
+from qstar_jax.training import run_lock
 
 BUCKET = "lock-test"
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from qstar_jax.errors import UserError
-from qstar_jax.evaluate import Evaluator, evaluate, majority_vote
-from qstar_jax.model import apply_lm
-from qstar_jax.tasks import extract_number, load_examples
+from qstar_jax.inference.evaluate import Evaluator, evaluate, majority_vote
+from qstar_jax.models.transformer import apply_lm
+from qstar_jax.inference.tasks import extract_number, load_examples
 
 RECORDS = {
     "gsm8k": {"question": "Tom has 3 cats and gets 4 more. How many?", "answer": "3+4=<<3+4=7>>7\n#### 1,007"},
@@ -84,7 +84,8 @@ class CharTokenizer:
 
 def test_soft_score_equals_hand_computation_from_logits(tmp_path):
     from test_quiet_star import make_params
-    from qstar_jax.config import ModelConfig, QuietStarConfig
+    from qstar_jax.models.config import ModelConfig
+    from qstar_jax.method.config import QuietStarConfig
 
     tok = CharTokenizer()
     vocab = tok.vocab_size + 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qstar_jax.tensorboard import EventFile, crc32c, event
+from qstar_jax.training.tensorboard import EventFile, crc32c, event
 
 
 def test_crc32c_check_value():

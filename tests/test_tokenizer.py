@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax.config import ModelConfig
+from qstar_jax.models.config import ModelConfig
 from qstar_jax.errors import UserError
-from qstar_jax.model import apply_lm, grow_vocab, init_params
+from qstar_jax.models.transformer import apply_lm, init_params
+from qstar_jax.models.vocab import grow_vocab
 from qstar_jax.tokenizer import (
     END_THOUGHT,
     START_THOUGHT,

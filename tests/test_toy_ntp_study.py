@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from qstar_jax import toy_ntp_study
-from qstar_jax.toy_ntp_study import FORMS, MARKERS, aggregate, arm_runs, gain_kept, table
+from qstar_jax.toy import ntp_study as toy_ntp_study
+from qstar_jax.toy.ntp_study import FORMS, MARKERS, aggregate, arm_runs, gain_kept, table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

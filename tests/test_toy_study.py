@@ -12,15 +12,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax import toy_reasoning
-from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.toy import reasoning as toy_reasoning
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.errors import UserError
-from qstar_jax.model import apply_lm, init_params
-from qstar_jax.quiet_star import init_quiet_star_params
+from qstar_jax.models.transformer import apply_lm, init_params
+from qstar_jax.method.mixing import init_quiet_star_params
 from qstar_jax.tokenizer import add_thought_tokens, load_tokenizer, train_word_tokenizer
-from qstar_jax.toy_eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
-from qstar_jax.toy_study import (TABLE_END, TABLE_START, VARIANTS, aggregate, arm_runs, caption, policy_gain,
-                                 read_readme, table, update_readme)
+from qstar_jax.toy.eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
+from qstar_jax.toy.study import (
+    TABLE_END,
+    TABLE_START,
+    VARIANTS,
+    aggregate,
+    arm_runs,
+    caption,
+    policy_gain,
+    read_readme,
+    table,
+    update_readme,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +158,7 @@ def test_answer_metrics_equal_a_direct_forward(tiny_toy_model):
 
 
 def _with_thoughts(config, params, tok, n_ahead):
-    from qstar_jax.model import grow_vocab
+    from qstar_jax.models.vocab import grow_vocab
 
     start, end = add_thought_tokens(tok)
     init_D = params["embed_tokens"]["embedding"][tok.encode(toy_reasoning.DELIMITER)[0]]

@@ -20,7 +20,9 @@ import pytest
 
 from process_env import forced_devices, without_compilation_cache
 
-from qstar_jax import checkpoint, sharding
+from qstar_jax.training import checkpoint
+from qstar_jax.training import manifest
+from qstar_jax.models import sharding
 from qstar_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,7 +375,7 @@ def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, messag
     """Checked up front (in-process: the `train` the CLI calls): a 0 found later costs a
     compile, or ends "successfully" with nothing trained or kept."""
     from experiments import tiny_cpu
-    from qstar_jax import train
+    from qstar_jax.training import trainer as train
 
     cfg = tiny_cpu.get_config()
     *parents, leaf = key.split(".")
@@ -385,7 +387,7 @@ def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, messag
 
 def test_workdir_that_is_a_file(tmp_path):
     from experiments import tiny_cpu
-    from qstar_jax import train
+    from qstar_jax.training import trainer as train
 
     (tmp_path / "run").write_text("notes")
     with pytest.raises(UserError, match="--workdir .*run is a file, not a directory"):
@@ -453,16 +455,16 @@ def test_manifest_names_what_changed_in_a_step(tmp_path):
     (step / "state" / "d").mkdir(parents=True)
     (step / "state" / "d" / "a").write_bytes(b"x" * 1000)
     (step / "meta").write_text("{}")
-    checkpoint.write_manifest(step)
-    assert checkpoint.verify_step(step) is None
+    manifest.write_manifest(step)
+    assert manifest.verify_step(step) is None
     (step / "state" / "d" / "a").write_bytes(b"x" * 999)
-    assert checkpoint.verify_step(step) == "state/d/a has 999 bytes, 1000 when saved"
+    assert manifest.verify_step(step) == "state/d/a has 999 bytes, 1000 when saved"
     (step / "state" / "d" / "a").write_bytes(b"y" * 1000)
-    assert checkpoint.verify_step(step).startswith("state/d/a does not match its checksum (crc32:")
+    assert manifest.verify_step(step).startswith("state/d/a does not match its checksum (crc32:")
     (step / "meta").unlink()
-    assert checkpoint.verify_step(step) == "meta is missing"
-    (step / checkpoint.MANIFEST_FILE).write_text("{trunc")
-    assert checkpoint.verify_step(step) == f"its {checkpoint.MANIFEST_FILE} is unreadable"
+    assert manifest.verify_step(step) == "meta is missing"
+    (step / manifest.MANIFEST_FILE).write_text("{trunc")
+    assert manifest.verify_step(step) == f"its {manifest.MANIFEST_FILE} is unreadable"
 
 
 @pytest.mark.parametrize("damage", ["bit_flip", "unreadable_without_manifest"])
@@ -484,7 +486,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, tin
         with pytest.raises(UserError, match="checkpoint at step 6 .* is corrupt"):
             checkpoint.load_for_inference(str(tmp_path))
     else:
-        os.remove(os.path.join(step6, checkpoint.MANIFEST_FILE))
+        os.remove(os.path.join(step6, manifest.MANIFEST_FILE))
         with open(target, "r+b") as f:
             f.truncate(os.path.getsize(target) // 3)
     ckpt.close()

@@ -14,10 +14,10 @@ import os
 
 import numpy as np
 
-from qstar_jax.config import ModelConfig
+from qstar_jax.models.config import ModelConfig
 from qstar_jax.errors import UserError
-from qstar_jax.hf import params_from_hf_tensors
-from qstar_jax.model import Params
+from qstar_jax.models.hf import params_from_hf_tensors
+from qstar_jax.models.transformer import Params
 
 # GGUF name -> HF name ({i}: layer index).
 GGUF_TO_HF = {

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from qstar_jax import paths
-from qstar_jax.tensorboard import EventFile
+from qstar_jax.training.tensorboard import EventFile
 
 CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "tokens_per_s", "mfu")
 

@@ -29,8 +29,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qstar_jax import checkpoint, paths, sharding
-from qstar_jax.decode import generate
+from qstar_jax import paths
+from qstar_jax.training import checkpoint
+from qstar_jax.models import model_files
+from qstar_jax.models import sharding
+from qstar_jax.inference.decode import generate
 from qstar_jax.errors import UserError
 
 CHAIN_FILE = "chain.json"
@@ -259,9 +262,9 @@ def export_final_model(workdir: str, stage: Stage, chosen: tuple[str, int], mesh
     if stage.method == "quiet_star":
         return None
     model_dir = str(paths.path(workdir) / MODEL_DIR)
-    if not checkpoint.is_model_dir(model_dir):
+    if not model_files.is_model_dir(model_dir):
         config, _, params, tokenizer = checkpoint.load_for_inference(*chosen, mesh)
-        checkpoint.save_model(model_dir, config, params, tokenizer)
+        model_files.save_model(model_dir, config, params, tokenizer)
     return model_dir
 
 

@@ -17,255 +17,33 @@ sharding when the abstract target carries one, so the same files serve a laptop 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging as pylogging
 import shutil
-import warnings
-import zlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from qstar_jax import paths, sharding
-from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax import paths
 from qstar_jax.errors import UserError
-from qstar_jax.model import Params, init_params
-from qstar_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.models import sharding
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.models.model_files import is_model_dir, load_model, load_model_tokenizer, sharded_target
+from qstar_jax.models.transformer import Params
+from qstar_jax.training.manifest import verify_step, write_manifest
+from qstar_jax.training.storage import report_storage_failures_once, storage_failure
 
-MODEL_CONFIG_FILE = "model_config.json"
-PARAMS_DIR = "params"
-TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 SELECTION_METRIC = "selection"  # the name a checkpoint's ranking value is stored under
-MANIFEST_FILE = "manifest.json"  # in a step directory: every other file's size and checksum
 CORRUPT_DIR = "corrupt_checkpoints"  # beside checkpoints/: steps that failed verification
-
-
-def sharded_target(abstract_params: Any, mesh: Mesh, param_dtype: str | None = None) -> Any:
-    """ShapeDtypeStructs carrying the mesh's shardings: what a restore fills, shard by shard.
-
-    With `param_dtype`, floating leaves are restored in that dtype (a bfloat16 checkpoint
-    becomes float32 master weights); Orbax casts while reading, per shard.
-    """
-    shardings = sharding.param_shardings(abstract_params, mesh)
-
-    def target(leaf, leaf_sharding):
-        dtype = leaf.dtype
-        if param_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-            dtype = jnp.dtype(param_dtype)
-        return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf_sharding)
-
-    return jax.tree.map(target, abstract_params, shardings)
-
-
-LAYER_STACK = "layers"  # params under this key carry the scanned layer axis first
-
-
-def item_name(path: tuple[str, ...], layer: int | None) -> str:
-    """The directory of one stored array: `embed_tokens.embedding`, `layers.3.q_proj.kernel`."""
-    return ".".join(path if layer is None else (path[0], str(layer), *path[1:]))
-
-
-def param_items(params: Params) -> Iterator[tuple[tuple[str, ...], int | None, jax.Array]]:
-    """A params tree as stored items: layer stacks split into one array per layer."""
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        path = tuple(k.key for k in key_path)
-        for layer in range(leaf.shape[0]) if path[0] == LAYER_STACK else [None]:
-            yield path, layer, leaf if layer is None else leaf[layer]
-
-
-def save_model(directory: str, config: ModelConfig, params: Params | Iterable[tuple[tuple[str, ...], int | None, Any]],
-               tokenizer: Tokenizer | None = None) -> None:
-    """Writes a model directory (params, model_config.json, tokenizer/) locally or to a bucket.
-
-    `params` is a params tree, or (path, layer, array) items as `hf.hf_model_items` streams
-    them: each item is written and let go before the next is taken, so converting a model
-    holds one layer's tensor, not the model. Every process calls this (an Orbax save is
-    collective); process 0 writes the small files.
-    """
-    params_dir = paths.path(directory) / PARAMS_DIR
-    if params_dir.exists():
-        raise UserError(f"{directory} already holds a model; choose an empty output directory")
-    items = param_items(params) if isinstance(params, dict) else params
-    with ocp.StandardCheckpointer() as checkpointer:
-        for path, layer, array in items:
-            checkpointer.save(paths.absolute(params_dir / item_name(path, layer)), {"value": array})
-            checkpointer.wait_until_finished()
-    save_model_files(directory, config, tokenizer)
-
-
-def save_model_files(directory: str, config: ModelConfig, tokenizer: Tokenizer | None) -> None:
-    """The config and tokenizer beside params or training checkpoints (tools read them);
-    written by process 0 only."""
-    if not paths.is_writer():
-        return
-    config.save(str(paths.path(directory) / MODEL_CONFIG_FILE))
-    if tokenizer is not None:
-        tokenizer.save(str(paths.path(directory) / TOKENIZER_DIR))
-
-
-def is_model_dir(directory: str) -> bool:
-    return (paths.path(directory) / MODEL_CONFIG_FILE).is_file() and (paths.path(directory) / PARAMS_DIR).is_dir()
-
-
-def load_model_config(directory: str) -> ModelConfig:
-    if not is_model_dir(directory):
-        raise UserError(f"{directory} is not a qstar_jax model directory (needs {MODEL_CONFIG_FILE} and {PARAMS_DIR}/)")
-    return ModelConfig.load(str(paths.path(directory) / MODEL_CONFIG_FILE))
-
-
-def load_model(directory: str, mesh: Mesh | None = None, param_dtype: str | None = None) -> tuple[ModelConfig, Params]:
-    """Restores (config, params) straight into `mesh`'s shardings (default: the host CPU).
-
-    Each device reads only its shard; nothing depends on the devices that saved the files.
-    A layer stack is restored layer by layer and stacked on the devices, which briefly hold
-    its shard twice. `param_dtype` (e.g. float32 master weights) overrides the stored dtype.
-    """
-    config = load_model_config(directory)
-    if param_dtype is not None:
-        config = config.replace(param_dtype=param_dtype)
-    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    target = sharded_target(abstract, mesh or sharding.host_mesh(), param_dtype)
-    params_dir = paths.path(directory) / PARAMS_DIR
-    saved = {child.name for child in params_dir.iterdir()}
-    with ocp.StandardCheckpointer() as checkpointer:
-
-        def restore(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
-            if name not in saved:
-                raise UserError(f"params in {directory} do not match its model config: no parameter {name}")
-            try:
-                return checkpointer.restore(paths.absolute(params_dir / name), {"value": target})["value"]
-            except ValueError as e:  # orbax reports shape mismatches as ValueError
-                raise UserError(f"params in {directory} do not match its model config: {name}: "
-                                f"{str(e).splitlines()[0]}") from e
-
-        def restore_param(key_path, target: jax.ShapeDtypeStruct) -> jax.Array:
-            path = tuple(k.key for k in key_path)
-            if path[0] != LAYER_STACK:
-                return restore(item_name(path, None), target)
-            spec = target.sharding.spec
-            layer_target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype, sharding=NamedSharding(
-                target.sharding.mesh, P(*tuple(spec)[1:])))
-            layers = [restore(item_name(path, i), layer_target) for i in range(target.shape[0])]
-            return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target.sharding)(*layers)
-
-        params = jax.tree_util.tree_map_with_path(restore_param, target)
-    return config, params
-
-
-def load_model_tokenizer(directory: str) -> Tokenizer:
-    tokenizer_dir = str(paths.path(directory) / TOKENIZER_DIR)
-    if not has_tokenizer(tokenizer_dir):
-        raise UserError(f"model directory {directory} has no tokenizer/")
-    return load_tokenizer(tokenizer_dir)
 
 
 # ---------------------------------------------------------------------- checkpoint manifests
 
 
-def file_checksum(p: paths.Path) -> str:
-    """A checksum tagged with its algorithm. A bucket object's is the CRC32C the store
-    computed at upload (read from its metadata: verifying a 7B checkpoint must not mean
-    downloading it); a local file's is the CRC-32 of its bytes."""
-    if paths.is_remote(p):
-        import gcsfs  # the backend epath uses for gs:// paths
-
-        info = gcsfs.GCSFileSystem().info(str(p))
-        if info.get("crc32c"):
-            return f"crc32c:{info['crc32c']}"
-        return f"md5:{info['md5Hash']}"
-    crc = 0
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return f"crc32:{crc:08x}"
-
-
-def step_files(step_dir: paths.Path) -> dict[str, dict[str, Any]]:
-    """{path relative to the step directory: {"bytes", "checksum"}} for every file but the manifest."""
-    prefix = len(str(step_dir).rstrip("/")) + 1
-    return {
-        str(f)[prefix:]: {"bytes": f.stat().length, "checksum": file_checksum(f)}
-        for f in paths.files_under(step_dir) if f.name != MANIFEST_FILE
-    }
-
-
-def write_manifest(step_dir: paths.Path) -> None:
-    """Records the finished step's files, atomically (after Orbax has finalised the step)."""
-    paths.write_text(step_dir / MANIFEST_FILE, json.dumps({"files": step_files(step_dir)}, indent=1))
-
-
-def verify_step(step_dir: paths.Path) -> str | None:
-    """Why the step's files differ from its manifest (None: they match). A step without
-    a manifest (saved before manifests existed, or killed between Orbax's commit and the
-    manifest) cannot be checked and passes; reading it is then the only test."""
-    manifest_file = step_dir / MANIFEST_FILE
-    if not manifest_file.exists():
-        return None
-    try:
-        recorded = json.loads(manifest_file.read_text())["files"]
-    except (ValueError, KeyError, UnicodeDecodeError):
-        return f"its {MANIFEST_FILE} is unreadable"
-    found = step_files(step_dir)
-    for name, entry in sorted(recorded.items()):
-        if name not in found:
-            return f"{name} is missing"
-        if found[name]["bytes"] != entry["bytes"]:
-            return f"{name} has {found[name]['bytes']} bytes, {entry['bytes']} when saved"
-        if found[name]["checksum"] != entry["checksum"]:
-            return f"{name} does not match its checksum ({found[name]['checksum']}, {entry['checksum']} when saved)"
-    return None
-
-
 # ---------------------------------------------------------------------- training checkpoints
-
-# Storage failures a user fixes outside the program (free space, a writable mount), as
-# Orbax and tensorstore word them: their errors are ValueErrors or RuntimeErrors that
-# carry the OS error's text, raised from the background thread that did the write.
-STORAGE_FAILURES = {
-    "No space left on device": "no space left on device",
-    "os_error_code='28'": "no space left on device",
-    "Disk quota exceeded": "disk quota exceeded",
-    "Read-only file system": "read-only file system",
-    "Permission denied": "permission denied",
-}
-
-
-def storage_failure(error: BaseException) -> str | None:
-    """What storage failure (ENOSPC, EDQUOT, EROFS, EACCES) `error` or its causes report, if any."""
-    while error is not None:
-        text = str(error)
-        for signature, name in STORAGE_FAILURES.items():
-            if signature in text:
-                return name
-        error = error.__cause__ or error.__context__
-    return None
-
-
-class _StorageFailureLogs(pylogging.Filter):
-    """Drops the logs of a storage failure: each of Orbax's writer threads logs the same
-    ENOSPC with a traceback (through absl), and at exit asyncio logs every write it had
-    not finished; `TrainCheckpoints` reports the failure in one line instead."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        exception = record.exc_info[1] if record.exc_info else None
-        return not (any(signature in record.getMessage() for signature in STORAGE_FAILURES)
-                    or (exception is not None and storage_failure(exception) is not None))
-
-
-def _report_storage_failures_once() -> None:
-    """Installs the filter above (once per process) and silences the warning Python prints
-    at exit for the writes of the failed save it never ran."""
-    for name in ("absl", "asyncio"):
-        logger = pylogging.getLogger(name)
-        if not any(isinstance(f, _StorageFailureLogs) for f in logger.filters):
-            logger.addFilter(_StorageFailureLogs())
-    warnings.filterwarnings("ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning)
 
 
 class CheckpointWriteFailed(UserError):
@@ -305,7 +83,7 @@ class TrainCheckpoints:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
-        _report_storage_failures_once()
+        report_storage_failures_once()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

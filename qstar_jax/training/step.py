@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.errors import UserError
-from qstar_jax.model import Params, next_token_loss
-from qstar_jax.ntp import NTPConfig, ntp_loss
-from qstar_jax.quiet_star import quiet_star_loss
+from qstar_jax.models.transformer import Params, next_token_loss
+from qstar_jax.method.ntp import NTPConfig, ntp_loss
+from qstar_jax.method.loss import quiet_star_loss
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
 
 # device_kind prefix -> peak FLOP/s per chip (bf16, dense)
 PEAK_FLOPS_PER_CHIP = (

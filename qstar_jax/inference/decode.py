@@ -19,10 +19,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.errors import UserError
-from qstar_jax.model import KVCache, Params, decode_embeddings, embed, init_cache, lm_head
-from qstar_jax.quiet_star import mask_thought_tokens, mix_hidden, sample_thought_tokens, thought_embeddings
+from qstar_jax.models.transformer import Params
+from qstar_jax.models.kv_cache import KVCache, decode_embeddings, embed, init_cache, lm_head
+from qstar_jax.method.sampling import mask_thought_tokens, sample_thought_tokens
+from qstar_jax.method.mixing import mix_hidden, thought_embeddings
 
 REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought steps use 1, 2, ...
 

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from qstar_jax import paths
-from qstar_jax.data import json_lines
+from qstar_jax.training.data import json_lines
 from qstar_jax.errors import UserError
 
 TASKS = ("gsm8k", "csqa", "piqa", "siqa")

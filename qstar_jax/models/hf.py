@@ -18,10 +18,11 @@ import numpy as np
 from jax.sharding import Mesh
 from safetensors.numpy import save as save_safetensors
 
-from qstar_jax import paths, sharding
-from qstar_jax.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from qstar_jax import paths
+from qstar_jax.models import sharding
+from qstar_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qstar_jax.errors import UserError
-from qstar_jax.model import Params, init_params
+from qstar_jax.models.transformer import Params, init_params
 
 # (HF tensor name, Flax path, transform). "linear": HF stores (out, in), Flax (in, out).
 PARAM_TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (

@@ -30,10 +30,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.config import ModelConfig, QuietStarConfig
 from qstar_jax.errors import UserError
-from qstar_jax.model import Params, forward, next_token_mask, token_logp
-from qstar_jax.quiet_star import rollout, sample_thought_tokens
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.rollout import rollout
+from qstar_jax.method.sampling import sample_thought_tokens
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.models.transformer import Params, forward, next_token_mask, token_logp
 
 FORMS = ("paper", "code", "kl")
 
@@ -115,7 +117,7 @@ class NTPTerms(NamedTuple):
     action_BxM: jax.Array  # the token whose log-prob is reinforced (gold, or sampled in "code")
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
@@ -144,9 +146,9 @@ def ntp_terms(ntp: NTPConfig, logits_BxMxV: jax.Array, targets_BxM: jax.Array, m
     if ntp.clip_negative_rewards:
         reward_BxM = jnp.maximum(reward_BxM, 0.0)
     reward_BxM = jax.lax.stop_gradient(jnp.where(mask_BxM, reward_BxM, 0.0))
-    nll_student = _masked_mean(nll_BxM, mask_BxM)
-    loss = -ntp.reward_weight * _masked_mean(reward_BxM * logp_BxM, mask_BxM) + ntp.nll_weight * nll_student
-    return NTPTerms(loss, nll_student, _masked_mean(teacher_nll_BxM, mask_BxM), reward_BxM, action_BxM)
+    nll_student = masked_mean(nll_BxM, mask_BxM)
+    loss = -ntp.reward_weight * masked_mean(reward_BxM * logp_BxM, mask_BxM) + ntp.nll_weight * nll_student
+    return NTPTerms(loss, nll_student, masked_mean(teacher_nll_BxM, mask_BxM), reward_BxM, action_BxM)
 
 
 def _kl_terms(ntp: NTPConfig, logits_BxMxV, targets_BxM, mask_BxM, teacher_logp_BxMxV, nll_BxM) -> NTPTerms:
@@ -157,9 +159,9 @@ def _kl_terms(ntp: NTPConfig, logits_BxMxV, targets_BxM, mask_BxM, teacher_logp_
     teacher_p_BxMxV = jnp.exp(teacher_logp_BxMxV)
     kl_BxM = jnp.sum(teacher_p_BxMxV * (teacher_logp_BxMxV - student_logp_BxMxV), axis=-1)
     teacher_nll_BxM = -jnp.take_along_axis(teacher_logp_BxMxV, targets_BxM[..., None], axis=-1)[..., 0]
-    nll_student = _masked_mean(nll_BxM, mask_BxM)
-    loss = ntp.reward_weight * _masked_mean(kl_BxM, mask_BxM) + ntp.nll_weight * nll_student
-    return NTPTerms(loss, nll_student, _masked_mean(teacher_nll_BxM, mask_BxM),
+    nll_student = masked_mean(nll_BxM, mask_BxM)
+    loss = ntp.reward_weight * masked_mean(kl_BxM, mask_BxM) + ntp.nll_weight * nll_student
+    return NTPTerms(loss, nll_student, masked_mean(teacher_nll_BxM, mask_BxM),
                     jax.lax.stop_gradient(jnp.where(mask_BxM, kl_BxM, 0.0)), targets_BxM)
 
 
@@ -177,6 +179,6 @@ def ntp_loss(config: ModelConfig, ntp: NTPConfig, params: Params, tokens_BxN: ja
         "nll_next": terms.nll_student,
         "nll_teacher": terms.nll_teacher,
         "teacher_gain": terms.nll_student - terms.nll_teacher,
-        "reward": _masked_mean(terms.reward_BxM, mask_BxM),
+        "reward": masked_mean(terms.reward_BxM, mask_BxM),
     }
     return terms.loss, metrics

@@ -1,0 +1,1 @@
+"""Inference: KV-cache decoding with thoughts, generation, evaluation tasks, analysis."""

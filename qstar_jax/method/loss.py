@@ -1,0 +1,92 @@
+"""Learning: the Quiet-STaR objective (REINFORCE on the thoughts + NLL) from a rollout."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qstar_jax.method.base_pass import shift_left
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.heads import Rollout
+from qstar_jax.method.rollout import rollout
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.models.transformer import Params
+
+
+class LossTerms(NamedTuple):
+    loss: jax.Array
+    nll_base: jax.Array
+    nll_talk: jax.Array
+    policy_loss: jax.Array
+    talk_gain: jax.Array  # mean log p_mix - log p_base over real talk targets (0 at init)
+    reward_BxPxN: jax.Array  # after the baseline and clipping; 0 where not eligible
+    eligible_BxN: jax.Array  # positions whose whole talk horizon is real text
+
+
+def masked_mean(x, mask):
+    mask = jnp.broadcast_to(mask, x.shape)
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
+    """The Quiet-STaR objective from per-position quantities.
+
+    reward(b, p, j) = sum_c [log p_mix,c(x_{j+1+c}) - log p_base(x_{j+1+c})], minus its
+    mean over the n_passes sibling thoughts (no baseline when n_passes = 1), clipped at 0
+    if configured; REINFORCE on the
+    sampled thought tokens' log-probs; NLL of the base and of the talk predictions.
+    """
+    valid_CxBxN = r.target_valid_CxBxN
+    n_talk = valid_CxBxN.shape[0]
+    base_logp_CxBxN = jnp.stack([shift_left(r.base_logp_BxN, c, 0.0) for c in range(n_talk)])
+    gain_CxBxPxN = jnp.where(valid_CxBxN[:, :, None], r.talk_logp_CxBxPxN - base_logp_CxBxN[:, :, None], 0.0)
+    raw_reward_BxPxN = gain_CxBxPxN.sum(axis=0)
+    # A lone thought has no siblings to compare with: its baseline would be itself and every
+    # reward 0, so (as the official code) it is rewarded by its raw gain over the base.
+    baseline_BxPxN = raw_reward_BxPxN.mean(axis=1, keepdims=True) if raw_reward_BxPxN.shape[1] > 1 else 0.0
+    reward_BxPxN = raw_reward_BxPxN - baseline_BxPxN
+    if qs.clip_negative_rewards:
+        reward_BxPxN = jnp.maximum(reward_BxPxN, 0.0)
+    eligible_BxN = jnp.all(valid_CxBxN, axis=0)
+    reward_BxPxN = jax.lax.stop_gradient(jnp.where(eligible_BxN[:, None], reward_BxPxN, 0.0))
+
+    if r.sample_logp_SxBxPxN.shape[0]:
+        thought_logp_BxPxN = r.sample_logp_SxBxPxN.mean(axis=0)
+        policy_loss = qs.policy_loss_weight * masked_mean(-reward_BxPxN * thought_logp_BxPxN, eligible_BxN[:, None])
+    else:
+        policy_loss = jnp.zeros((), jnp.float32)
+    nll_base = masked_mean(-r.base_logp_BxN, valid_CxBxN[0])
+    nll_talk = jnp.mean(
+        jnp.stack([masked_mean(-r.talk_logp_CxBxPxN[c], valid_CxBxN[c][:, None]) for c in range(n_talk)])
+    )
+    loss = qs.base_loss_weight * nll_base + (1 - qs.base_loss_weight) * nll_talk + policy_loss
+    talk_gain = masked_mean(gain_CxBxPxN, valid_CxBxN[:, :, None])
+    return LossTerms(loss, nll_base, nll_talk, policy_loss, talk_gain, reward_BxPxN, eligible_BxN)
+
+
+def quiet_star_loss(
+    config: ModelConfig,
+    qs: QuietStarConfig,
+    params: Params,
+    tokens_BxN: jax.Array,
+    segments_BxN: jax.Array,
+    rng: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss and metrics; differentiable in `params`."""
+    r = rollout(config, qs, params, tokens_BxN, segments_BxN, rng)
+    terms = loss_terms(qs, r)
+    eligible = terms.eligible_BxN[:, None]
+    metrics = {
+        "loss": terms.loss,
+        "nll_base": terms.nll_base,
+        "nll_talk": terms.nll_talk,
+        # What inference predicts (one thought, then the first talk step): comparable across
+        # n_ahead_talk and with a plain LM's nll_next, so curriculum stages can be ranked by it.
+        "nll_next": masked_mean(-r.talk_logp_CxBxPxN[0], r.target_valid_CxBxN[0][:, None]),
+        "policy_loss": terms.policy_loss,
+        "reward": masked_mean(terms.reward_BxPxN, eligible),
+        "mixing_weight": masked_mean(r.mixing_weight_CxBxPxN, r.target_valid_CxBxN[:, :, None]),
+        "talk_gain": terms.talk_gain,
+    }
+    return terms.loss, metrics

@@ -1,0 +1,67 @@
+"""Thinking at every position, then talking: the rollout, all positions in parallel.
+
+The whole method is a pure function of (params, tokens, segments, rng) that `jax.jit`
+and `jax.grad` accept; `segments_BxN` holds segment ids (0 = padding, 1, 2, ... = packed
+documents, as in models/transformer.py) or a bool padding mask. A thought at j sees only
+its own document's prefix, and talk targets never cross into the next document.
+Named steps: `base_pass` (step 0), then thinking and talking by one of two algorithms
+(`scan_rollout`, `two_pass_rollout`), whose per-position outputs fill a `Rollout`.
+"""
+from __future__ import annotations
+
+import chex
+import jax
+
+from qstar_jax.method.base_pass import base_pass, lm_functions
+from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.heads import Rollout
+from qstar_jax.method.sampling import check_thought_ids
+from qstar_jax.method.scan_rollout import sampling_scan, scan_rollout, thought_stepper
+from qstar_jax.method.two_pass_rollout import teacher_forced_rollout
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.models.transformer import Params
+
+
+def rollout(
+    config: ModelConfig,
+    qs: QuietStarConfig,
+    params: Params,
+    tokens_BxN: jax.Array,
+    segments_BxN: jax.Array,
+    rng: jax.Array,
+    forced_thoughts_SxBxPxN: jax.Array | None = None,
+    talk_distribution: bool = False,
+) -> Rollout:
+    """Thinks at every position (n_passes thoughts each) and talks; all in parallel.
+
+    With `forced_thoughts_SxBxPxN` the given thought tokens are fed instead of sampled
+    (their log-probs are still computed): scoring fixed thoughts, and isolation tests.
+    `talk_distribution` also returns the whole mixed next-token distribution (B x P x N x V
+    floats, for the NTP stage's full-distribution teacher; not for training).
+
+    `qs.rollout_impl` picks how; both compute the same quantities (tested). "scan" feeds
+    one thought step at a time and differentiates through the scan. "two_pass" samples the
+    thoughts in a forward-only scan on stop-gradient parameters (REINFORCE scores the
+    sampled tokens; no gradient flows through choosing them, so that scan keeps nothing
+    for the backward pass), then feeds every step of every thought at once, teacher-forced,
+    through one pass of the layers: the differentiated work is a few large matmuls instead
+    of n_steps small ones.
+    """
+    chex.assert_rank(tokens_BxN, 2)
+    chex.assert_equal_shape([tokens_BxN, segments_BxN])
+    check_thought_ids(config, qs)
+    b, n = tokens_BxN.shape
+    forced_SxBxT = None
+    if forced_thoughts_SxBxPxN is not None:
+        chex.assert_shape(forced_thoughts_SxBxPxN, (qs.n_sampled, b, qs.n_passes, n))
+        forced_SxBxT = forced_thoughts_SxBxPxN.reshape(qs.n_sampled, b, qs.n_passes * n)
+    lm = lm_functions(config, params["lm"])
+    base = base_pass(config, qs, lm, tokens_BxN, segments_BxN)
+    if qs.rollout_impl == "scan":
+        return scan_rollout(config, qs, params, lm, base, rng, forced_SxBxT, talk_distribution)
+    if forced_SxBxT is None:
+        frozen = jax.lax.stop_gradient(params)
+        frozen_lm, frozen_base = lm_functions(config, frozen["lm"]), jax.lax.stop_gradient(base)
+        think = thought_stepper(config, qs, frozen_lm, frozen_base)
+        forced_SxBxT = sampling_scan(config, qs, frozen, frozen_lm, frozen_base, think, rng, None)[0]
+    return teacher_forced_rollout(config, qs, params, lm, base, forced_SxBxT, talk_distribution)

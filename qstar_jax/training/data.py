@@ -1,0 +1,400 @@
+"""Training data: random-access documents -> per-document (or packed) rows, per process.
+
+Sources (`config.data.source`), each a random-access list of documents that is never
+read whole:
+  * "default": a corpus the repo generates deterministically (`default_corpus`), so the
+    main command needs no download;
+  * "files": a directory (or one file) of `.parquet` files with a text column (how the
+    HF hub ships OpenWebMath; `python -m qstar_jax.data to-parquet` writes C4's json.gz
+    the same way), read row group by row group; `.txt` files, one document each, read
+    on demand; `.jsonl` files (a text field), read whole, for small corpora;
+  * "toy_reasoning": chained arithmetic with the working written out or left implicit
+    (toy_reasoning.py; the miniature replication of docs/toy_experiment.md);
+  * "tfds": a tensorflow-datasets dataset by name, already prepared in `data_dir`, read
+    through its TF-free array_record data source.
+
+Rows follow the official code by default: one document per row (BOS + text + EOS),
+randomly cropped to `seq_len` or right-padded (padding is segment 0: never attended to,
+never a target). With `data.packing` a row starts at a random point of one document and
+is filled with the next documents of the shuffled order, each its own segment (1, 2, ...)
+so packed documents never see each other (model.py's segment ids).
+
+The order is grain's: documents shuffled by a seeded index permutation, reshuffled every
+epoch, addressed lazily. Row r of step s is global example `s * batch_size + r`, a pure
+function of (seed, index): each process reads and tokenises only the rows of its own
+devices, nothing is kept between steps, and the data "iterator" state is just the next
+step, saved in every checkpoint, so resume is exact (and independent of process count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import json
+import random
+from typing import Iterator, Protocol, Sequence
+
+import grain
+import numpy as np
+
+from qstar_jax import paths
+from qstar_jax.toy import reasoning as toy_reasoning
+from qstar_jax.errors import UserError, exit_on_user_error
+from qstar_jax.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# ------------------------------------------------------------------------ default corpus
+
+
+def arithmetic_problems(num_problems: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short arithmetic stories as GSM8K-format records (question, answer with "#### N").
+
+    Deterministic given the seed, so held-out problems are just another seed.
+    """
+    rng = random.Random(seed)
+    names = ["Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June"]
+    things = ["apples", "books", "coins", "shells", "stamps", "marbles", "pens", "cards"]
+    problems = []
+    for _ in range(num_problems):
+        name, other = rng.sample(names, 2)
+        thing = rng.choice(things)
+        a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+        kind = rng.randrange(3)
+        if kind == 0:
+            question = f"{name} has {a} {thing}. {other} gives {name} {b} more. How many {thing} does {name} have now?"
+            steps, result = f"{a} plus {b} is {a + b}", a + b
+        elif kind == 1:
+            question = f"{name} packs {c} boxes with {a} {thing} in each box. How many {thing} are there in all?"
+            steps, result = f"{c} times {a} is {c * a}", c * a
+        else:
+            question = f"{name} had {a + b} {thing} and gave {b} to {other}. How many {thing} does {name} keep?"
+            steps, result = f"{a + b} minus {b} is {a}", a
+        problems.append({"question": question, "answer": f"{steps}, so the answer is {result}.\n#### {result}"})
+    return problems
+
+
+def default_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
+    """The embedded training text: each arithmetic problem with its worked answer.
+
+    The numbers make some tokens hard (the results) and others easy (the template),
+    which is what Quiet-STaR's thinking is meant to help with.
+    """
+    return [
+        f"{p['question']} {p['answer'].split(chr(10))[0]}" for p in arithmetic_problems(num_documents, seed)
+    ]
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+class Documents(Protocol):
+    """A random-access list of texts (what grain's `MapDataset.source` takes)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> str: ...
+
+
+class ParquetDocuments:
+    """The text column of one parquet file, read one row group at a time.
+
+    Only the footer is read up front (row counts); a document's row group is read when
+    the document is asked for, and the last few stay cached (as Python strings). HF's parquet shards hold
+    row groups of ~1,000 documents, so this is a few MB per read, local or on a bucket.
+    """
+
+    def __init__(self, path: paths.Path, text_field: str):
+        import pyarrow.parquet as pq
+
+        self.path, self.text_field = path, text_field
+        try:
+            with path.open("rb") as f:
+                parquet_file = pq.ParquetFile(f)
+                self._metadata, names = parquet_file.metadata, parquet_file.schema_arrow.names
+        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+            raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+        if text_field not in names:
+            raise UserError(f"{path} has no {text_field!r} column (columns: {', '.join(names)})")
+        counts = [self._metadata.row_group(i).num_rows for i in range(self._metadata.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._read_group = functools.lru_cache(maxsize=4)(self._read_group_uncached)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _read_group_uncached(self, group: int) -> list:
+        # The file is open only while a row group is read: a process with hundreds of
+        # shards on a bucket keeps no file handles (or their read-ahead buffers) alive.
+        import pyarrow.parquet as pq
+
+        with self.path.open("rb") as f:
+            table = pq.ParquetFile(f, metadata=self._metadata).read_row_group(group, columns=[self.text_field])
+        return table.column(0).to_pylist()
+
+    def __getitem__(self, index: int) -> str:
+        group = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._read_group(group)[index - int(self._starts[group])] or ""
+
+
+class TextFileDocuments:
+    """`.txt` files, one document each, read when asked for."""
+
+    def __init__(self, files: Sequence[paths.Path]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> str:
+        return paths.read_text(self.files[index])
+
+
+def jsonl_documents(path: paths.Path, text_field: str) -> list[str]:
+    """Every text of a JSON-lines file (read whole: for corpora that fit in memory)."""
+    return [record_text(record, text_field, path, line_number) for line_number, record in json_lines(path)]
+
+
+def record_text(record, text_field: str, path: paths.Path, line_number: int) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise UserError(f"{path}:{line_number} has no {text_field!r} text field")
+    return record[text_field]
+
+
+class ConcatDocuments:
+    """Several document lists as one, in order."""
+
+    def __init__(self, parts: Sequence[Documents]):
+        self.parts = [part for part in parts if len(part)]
+        self._starts = np.concatenate([[0], np.cumsum([len(part) for part in self.parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> str:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.parts[part][index - int(self._starts[part])]
+
+
+def file_documents(path: str, text_field: str = "text") -> Documents:
+    """The documents of a file or of every .parquet/.txt/.jsonl file under a directory."""
+    root = paths.path(path)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = [f for f in paths.files_under(root) if f.name.endswith(TEXT_SUFFIXES)]
+        if not files:
+            raise UserError(f"no {'/'.join(TEXT_SUFFIXES)} files in data directory {path}")
+    else:
+        raise UserError(f"data path does not exist: {path}")
+    parts: list[Documents] = []
+    texts = [f for f in files if f.name.endswith(".txt") and f.stat().length > 0]  # an empty file is no document
+    if texts:
+        parts.append(TextFileDocuments(texts))
+    for file in files:
+        if file.name.endswith(".parquet"):
+            parts.append(ParquetDocuments(file, text_field))
+        elif file.name.endswith(".jsonl"):
+            parts.append(jsonl_documents(file, text_field))
+        elif not file.name.endswith(".txt"):
+            raise UserError(f"{file} is not a {'/'.join(TEXT_SUFFIXES)} file")
+    return ConcatDocuments(parts)
+
+
+class TfdsDocuments:
+    """A prepared tfds split through `tfds.data_source` (random access, no TensorFlow)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None, text_field: str = "text"):
+        import tensorflow_datasets as tfds
+
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises many types for "not prepared here"
+            raise UserError(f"tfds dataset {name!r} split {split!r} is not available in {data_dir}: "
+                            f"{str(e).splitlines()[0]}") from None
+        self.text_field = text_field
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> str:
+        text = self._source[index][self.text_field]
+        return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
+def load_documents(data_config) -> grain.MapDataset:
+    """The configured source as a random-access dataset of texts (`max_documents` > 0 keeps
+    the first that many)."""
+    source = data_config.source
+    if source == "default":
+        documents: Documents = default_corpus(data_config.default_documents, data_config.default_seed)
+    elif source == "files":
+        documents = file_documents(data_config.path, data_config.text_field)
+    elif source == "toy_reasoning":
+        toy = data_config.toy
+        documents = toy_reasoning.documents(toy.problems, toy.seed, toy.explicit_fraction, toy.num_ops,
+                                            toy.aside_fraction, toy.delimiter_fraction)
+    elif source == "tfds":
+        documents = TfdsDocuments(data_config.tfds_name, data_config.split, data_config.path or None,
+                                  data_config.text_field)
+    else:
+        raise UserError(f"data.source must be 'default', 'files', 'toy_reasoning' or 'tfds', got {source!r}")
+    if not len(documents):
+        raise UserError(f"the {source} dataset is empty")
+    dataset = grain.MapDataset.source(documents)
+    if data_config.max_documents > 0:
+        dataset = dataset[: data_config.max_documents]
+    return dataset
+
+
+def split_documents(documents: grain.MapDataset, eval_documents: int) -> tuple[grain.MapDataset, grain.MapDataset]:
+    """Holds out the last `eval_documents` documents for evaluation (never trained on)."""
+    if eval_documents <= 0:
+        return documents, documents[:0]
+    if eval_documents >= len(documents):
+        raise UserError(f"data.eval_documents={eval_documents} leaves no training documents "
+                        f"(dataset has {len(documents)})")
+    return documents[:-eval_documents], documents[-eval_documents:]
+
+
+def leading_documents(documents: grain.MapDataset, limit: int) -> list[str]:
+    """The first `limit` documents (what a tokenizer is trained on for a random init)."""
+    return [documents[i] for i in range(min(len(documents), limit))]
+
+
+# --------------------------------------------------------------------------------- rows
+
+
+def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """A document's token ids, wrapped in BOS ... EOS when the tokenizer has them."""
+    ids = tokenizer.encode(text)
+    if tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    if tokenizer.eos_id is not None:
+        ids = ids + [tokenizer.eos_id]
+    return np.asarray(ids, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    tokens_N: np.ndarray  # int32
+    segments_N: np.ndarray  # int32: 0 padding, 1, 2, ... documents
+
+
+class Rows:
+    """Training rows addressed by a global example index: `rows[i]` is a pure function of
+    (documents, seed, i), so any process can build any row without coordination."""
+
+    def __init__(self, documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, seed: int,
+                 packing: bool):
+        if seq_len < 2:
+            raise UserError(f"data.seq_len must be at least 2, got {seq_len}")
+        if not len(documents):
+            raise UserError("no documents to build training rows from")
+        self.seq_len, self.seed, self.packing = seq_len, seed, packing
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        # Every epoch is a fresh permutation (grain's repeat of a shuffled dataset).
+        self.encoded = (documents.shuffle(seed=seed).repeat(None)
+                        .map(functools.partial(encode_document, tokenizer)))
+
+    def __getitem__(self, index: int) -> Row:
+        rng = np.random.default_rng((self.seed, index))
+        ids = self.encoded[index]
+        tokens_N = np.full(self.seq_len, self.pad_id, np.int32)
+        segments_N = np.zeros(self.seq_len, np.int32)
+        if self.packing:  # anywhere in the first document; the next ones fill the row
+            start = int(rng.integers(0, len(ids)))
+        else:  # a random crop of a long document (a short one starts at 0 and is padded)
+            start = int(rng.integers(0, max(len(ids) - self.seq_len, 0) + 1))
+        filled, segment, following = 0, 1, index
+        while filled < self.seq_len:
+            piece = ids[start : start + self.seq_len - filled]
+            tokens_N[filled : filled + len(piece)] = piece
+            segments_N[filled : filled + len(piece)] = segment
+            filled += len(piece)
+            if not self.packing:
+                break
+            following, segment, start = following + 1, segment + 1, 0
+            ids = self.encoded[following]
+        return Row(tokens_N, segments_N)
+
+
+# ---------------------------------------------------------------------- C4 -> parquet
+
+
+def json_lines(path: paths.Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of a `.jsonl` or `.json.gz` file (C4's layout on the HF hub),
+    streamed; blank lines skipped."""
+    with path.open("rb") as raw:
+        lines = gzip.open(raw) if path.name.endswith(".gz") else raw
+        for line_number, line in enumerate(lines, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{line_number} is not UTF-8 text") from None
+            if text.strip():
+                try:
+                    yield line_number, json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
+
+
+def to_parquet(source: str, output: str, text_field: str = "text", rows_per_group: int = 1000) -> int:
+    """Rewrites every `.json.gz`/`.jsonl` file under `source` as a parquet file (the text
+    column, row groups of `rows_per_group`) under `output`, one file at a time in bounded
+    memory. Returns the number of documents written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = paths.path(source)
+    if not root.exists():
+        raise UserError(f"--to-parquet source does not exist: {source}")
+    files = [root] if root.is_file() else [f for f in paths.files_under(root)
+                                            if f.name.endswith((".json.gz", ".jsonl"))]
+    if not files:
+        raise UserError(f"no .json.gz/.jsonl files under {source}")
+    schema = pa.schema([(text_field, pa.string())])
+    total = 0
+    for file in files:
+        name = file.name.removesuffix(".gz").removesuffix(".json").removesuffix(".jsonl") + ".parquet"
+        target = paths.path(output) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as sink, pq.ParquetWriter(sink, schema) as writer:
+            batch: list[str] = []
+            for line_number, record in json_lines(file):
+                batch.append(record_text(record, text_field, file, line_number))
+                if len(batch) == rows_per_group:
+                    writer.write_table(pa.table({text_field: batch}, schema=schema))
+                    total, batch = total + len(batch), []
+            if batch:
+                writer.write_table(pa.table({text_field: batch}, schema=schema))
+                total += len(batch)
+    return total
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    """Data preparation: held-out arithmetic problems as GSM8K-format JSONL (for
+    qstar_jax.evaluate), or JSON-lines corpora (C4's json.gz) rewritten as parquet."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m qstar_jax.data", description=main.__doc__)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write-problems", metavar="FILE")
+    action.add_argument("--to-parquet", metavar="SOURCE", help="a .json.gz/.jsonl file or a directory of them")
+    parser.add_argument("--output", metavar="DIR", help="--to-parquet: the directory the parquet files go to")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1, help="the training corpus uses data.default_seed (0)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.to_parquet:
+        if not args.output:
+            raise UserError("--to-parquet needs --output DIR")
+        count = to_parquet(args.to_parquet, args.output, args.text_field)
+        print(f"wrote {count} documents to {args.output}")
+        return
+    paths.write_text(args.write_problems,
+                     "".join(json.dumps(problem) + "\n" for problem in arithmetic_problems(args.count, args.seed)))
