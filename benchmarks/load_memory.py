@@ -100,9 +100,10 @@ def data_rows(workdir: str, documents: int = 6000, seq_len: int = 256, rows: int
     import pyarrow.parquet as pq
 
     from qstar_jax.training import data
+    from qstar_jax.training import corpora
     from qstar_jax.tokenizer import train_bpe_tokenizer
 
-    problems = data.default_corpus(documents * 4, seed=1)
+    problems = corpora.default_corpus(documents * 4, seed=1)
     texts = [" ".join(problems[i * 4 : i * 4 + 4]) * 12 for i in range(documents)]  # ~9 KB each, like OWM
     directory = os.path.join(workdir, "owm", "data")
     os.makedirs(directory, exist_ok=True)

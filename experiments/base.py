@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.sliding_window = ml_collections.FieldReference(None, field_type=int)
     config.quiet_star = ml_collections.ConfigDict(_fields(QuietStarConfig, skip=_RUNTIME_QUIET_STAR_FIELDS))
     config.optimizer = ml_collections.ConfigDict(_fields(OptimizerConfig))
+    config.optimizer.total_steps = 0  # the schedule's length; 0 follows config.steps
     # method=ntp: the loss knobs (qstar_jax/ntp.py) and the teacher, a Quiet-STaR training
     # workdir and its checkpoint step (0 = newest). A curriculum sets the teacher itself.
     config.ntp = ml_collections.ConfigDict({**_fields(NTPConfig), "teacher": "", "teacher_step": 0})
@@ -100,6 +101,11 @@ def get_config() -> ml_collections.ConfigDict:
     # "gsm8k:data/gsm8k/test.jsonl:200,csqa:data/csqa/dev.jsonl:200" (tasks.py has the formats).
     config.eval_tasks = ""
     config.checkpoint_every = 50
+    # A jax.profiler trace of `profile_steps` steps after step `profile_after` (or after the
+    # first step run, compilation excluded), in WORKDIR/profile (TensorBoard's profile
+    # plugin reads it; a local workdir only). 0 = no trace.
+    config.profile_steps = 0
+    config.profile_after = 1
     config.keep_checkpoints = 3
     # A resume whose method, data or optimizer settings differ from the checkpoint's is
     # refused (the differences are listed); True continues with the new settings.

@@ -41,7 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_tasks = "gsm8k:data/gsm8k/test.jsonl:200,csqa:data/csqa/dev.jsonl:200"
     config.batch_size = 8
     config.steps = 100
-    config.optimizer.total_steps = config.steps
     config.eval_every = 10
     config.checkpoint_every = 10
     config.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -28,7 +28,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.update(source="default", seq_len=48, eval_documents=50, packing=True)
     config.batch_size = 2
     config.steps = 10
-    config.optimizer.total_steps = config.steps
     config.eval_every = 5
     config.eval_batches = 1
     config.checkpoint_every = 5

@@ -27,7 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.update(source="default", seq_len=64, eval_documents=100, packing=True)
     config.batch_size = 8
     config.steps = 300
-    config.optimizer.total_steps = config.steps
     config.log_every = 10
     config.eval_every = 100
     config.checkpoint_every = 100

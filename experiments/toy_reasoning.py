@@ -34,7 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.update(learning_rate=1e-4, warmup_steps=10, weight_decay=0.01, schedule="cosine")
     config.batch_size = 8
     config.steps = 200
-    config.optimizer.total_steps = config.steps
     config.log_every = 25
     config.eval_every = 0
     config.checkpoint_every = 25

@@ -26,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01, schedule="cosine")
     config.batch_size = 32
     config.steps = 1500
-    config.optimizer.total_steps = config.steps
     config.log_every = 50
     config.eval_every = 250
     config.eval_batches = 2

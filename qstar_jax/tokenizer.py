@@ -56,6 +56,16 @@ class Tokenizer:
         """A copy without these added tokens (a distilled student drops the thought tokens)."""
         raise NotImplementedError
 
+    def with_bos(self, ids: Sequence[int]) -> list[int]:
+        """`ids` after the BOS token, if the tokenizer has one: how every sequence the models
+        see starts (training documents, prompts, analysed texts)."""
+        return ([] if self.bos_id is None else [self.bos_id]) + list(ids)
+
+    def until_eos(self, ids: Sequence[int]) -> list[int]:
+        """`ids` up to (without) the first EOS token: where a generated continuation ends."""
+        ids = list(ids)
+        return ids[: ids.index(self.eos_id)] if self.eos_id is not None and self.eos_id in ids else ids
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A `tokenizer.model` plus added special tokens numbered after the SentencePiece vocab.

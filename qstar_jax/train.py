@@ -2,7 +2,7 @@
 
 from absl import app
 
-from qstar_jax.training.trainer import main, parse_flags
+from qstar_jax.training.cli import main, parse_flags
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

@@ -20,6 +20,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Subprocesses keep the flag (tests/process_env.py).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+# An implicit broadcast between arrays of different ranks is an error in every test and
+# every subprocess: shapes in this code base say what they are, and broadcasting says so too.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+
 
 def pytest_unconfigure(config):
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")

@@ -7,11 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.inference.decode import REAL_TOKEN_STREAM, mixed_logits, sample_tokens
+from qstar_jax.inference.decode import REAL_TOKEN_STREAM, mixed_logits
 from qstar_jax.method.mixing import thought_embeddings
-from qstar_jax.models.transformer import AttentionInputs, Transformer
+from qstar_jax.method.sampling import mask_thought_tokens, sample_tokens
 from qstar_jax.models.kv_cache import embed, lm_head
-from qstar_jax.method.sampling import mask_thought_tokens
+from qstar_jax.models.transformer import AttentionInputs, Transformer
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -22,7 +22,7 @@ from qstar_jax.training import checkpoint
 from qstar_jax.models import model_files
 from qstar_jax.models import convert
 from qstar_jax.models import sharding
-from qstar_jax.training import trainer as train# noqa: E402
+from qstar_jax.training import setup, trainer  # noqa: E402
 from qstar_jax.tokenizer import load_tokenizer  # noqa: E402
 from tokenizers_local import train_bpe_json  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(workdir: str) -> None:
 
     reports = {}
     for kind, source in (("hf", hf_dir), ("model_dir", model_dir)):
-        _, params, _ = train.load_base_model(run_config(source), docs, run_dir, mesh)
+        _, params, _ = setup.load_base_model(run_config(source), docs, run_dir, mesh)
         reports[kind] = shard_report(params)
 
     # One Quiet-STaR step at lr 1e-6 from the bfloat16 model directory.
@@ -73,7 +73,7 @@ def main(workdir: str) -> None:
                      **{"optimizer.learning_rate": 1e-6, "optimizer.warmup_steps": 0, "optimizer.total_steps": 1,
                         "data.seq_len": 24, "data.default_documents": 200, "data.eval_documents": 0,
                         "quiet_star.n_ahead": 4, "quiet_star.n_ahead_talk": 2})
-    train.train_run(cfg, run_dir)
+    trainer.train_run(cfg, run_dir)
     _, before = model_files.load_model(model_dir, mesh, "float32")
     after, _ = checkpoint.TrainCheckpoints(os.path.join(run_dir, "checkpoints"), keep=10).restore_params(1, mesh)
     moved = {jax.tree_util.keystr(path):  # over the original vocab (the head grew by the thought tokens)
@@ -81,7 +81,7 @@ def main(workdir: str) -> None:
              for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(after["lm"]), jax.tree.leaves(before))
              if path[-1].key == "kernel"}
 
-    _, params, _ = train.load_base_model(run_config(run_dir), docs, run_dir, mesh)  # a training workdir
+    _, params, _ = setup.load_base_model(run_config(run_dir), docs, run_dir, mesh)  # a training workdir
     reports["training_dir"] = shard_report(params)
     _, _, params, _ = checkpoint.load_for_inference(run_dir)  # evaluate / generate / analyze / NTP teacher
     reports["inference"] = shard_report(params)

@@ -18,7 +18,7 @@ from test_train import REPO, assert_ok
 
 from qstar_jax.training import checkpoint
 from qstar_jax.training import curriculum
-from qstar_jax.training import trainer as train
+from qstar_jax.training import setup, trainer
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.inference.decode import generate
 from qstar_jax.models.transformer import apply_lm, init_params
@@ -175,13 +175,13 @@ def test_reinit_thoughts_switch_restores_the_initial_thought_parts():
     config = ModelConfig("llama", 50, 32, 64, 2, 4, 2, 8)
     cfg = base.get_config()
     lm = init_params(config, jax.random.key(0))
-    trained = init_quiet_star_params(config, train.quiet_star_config(cfg, Tokenizer()), lm,
+    trained = init_quiet_star_params(config, setup.quiet_star_config(cfg, Tokenizer()), lm,
                                      jnp.ones((32,)), jax.random.key(1))
     trained["mixing_head"]["out"]["kernel"] = jnp.ones_like(trained["mixing_head"]["out"]["kernel"])
-    kept = train.prepare_method(cfg, config, trained, Tokenizer())[2]
+    kept = setup.prepare_method(cfg, config, trained, Tokenizer())[2]
     assert kept is trained
     cfg.curriculum.reinit_thoughts = True
-    _, qs, fresh, _ = train.prepare_method(cfg, config, trained, Tokenizer())
+    _, qs, fresh, _ = setup.prepare_method(cfg, config, trained, Tokenizer())
     expected_D = np.asarray(lm["embed_tokens"]["embedding"][3]) / qs.embedding_scale
     for name in ("start", "end"):
         np.testing.assert_allclose(fresh["thought"][name], expected_D, rtol=1e-6)
@@ -200,7 +200,7 @@ def test_each_stage_starts_from_the_checkpoint_with_the_best_metric(tmp_path, mo
         {"name": "think", "method": "quiet_star", "steps": 3, "learning_rate": 1e-2, "every": 1},
         {"name": "shorter", "method": "quiet_star", "steps": 1, "learning_rate": 1e-2, "every": 1, "n_ahead": 3},
     ), keep_checkpoints=3)
-    train.train(cfg, str(tmp_path))
+    trainer.train(cfg, str(tmp_path))
     chain = json.loads((tmp_path / "chain.json").read_text())["stages"]
     assert [s["best_step"] for s in chain] == [1, 2, 1]
     assert chain[0]["values"] == {"1": 1.0, "2": 3.0, "3": 2.0, "4": 5.0, "5": 4.0}

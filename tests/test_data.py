@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qstar_jax.training import data
+from qstar_jax.training import corpora
 from qstar_jax.errors import UserError
 
 
@@ -19,8 +20,8 @@ def config(**kw):
 
 
 def test_default_corpus_is_deterministic():
-    assert data.default_corpus(20, seed=3) == data.default_corpus(20, seed=3)
-    assert data.default_corpus(20, seed=3) != data.default_corpus(20, seed=4)
+    assert corpora.default_corpus(20, seed=3) == corpora.default_corpus(20, seed=3)
+    assert corpora.default_corpus(20, seed=3) != corpora.default_corpus(20, seed=4)
 
 
 def _all(dataset) -> list[str]:
@@ -205,8 +206,8 @@ def test_held_out_problems_are_gsm8k_records(tmp_path):
     data.main(["--write-problems", str(path), "--count", "20", "--seed", "7"])
     examples = load_examples("gsm8k", str(path))
     assert len(examples) == 20
-    for example, problem in zip(examples, data.arithmetic_problems(20, seed=7)):
+    for example, problem in zip(examples, corpora.arithmetic_problems(20, seed=7)):
         assert example.prompt == f"Q: {problem['question']}\nA:"
         assert f"is {example.answer}, so the answer is {example.answer}." in problem["answer"]
-    assert data.arithmetic_problems(20, seed=7) != data.arithmetic_problems(20, seed=0)
-    assert all(text.endswith(".") and "so the answer is" in text for text in data.default_corpus(10))
+    assert corpora.arithmetic_problems(20, seed=7) != corpora.arithmetic_problems(20, seed=0)
+    assert all(text.endswith(".") and "so the answer is" in text for text in corpora.default_corpus(10))

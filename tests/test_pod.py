@@ -21,7 +21,7 @@ import pytest
 from gcs_emulator import delete_prefix, object_names, running_emulator
 from hf_models import make_tiny_hf_model
 from process_env import forced_devices, without_compilation_cache
-from qstar_jax.training.data import arithmetic_problems, default_corpus
+from qstar_jax.training.corpora import arithmetic_problems, default_corpus
 from qstar_jax.tokenizer import load_tokenizer
 from test_train import _free_port
 from tokenizers_local import train_bpe_json

@@ -20,18 +20,8 @@ from qstar_jax.models.transformer import apply_lm, init_params
 from qstar_jax.method.mixing import init_quiet_star_params
 from qstar_jax.tokenizer import add_thought_tokens, load_tokenizer, train_word_tokenizer
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
-from qstar_jax.toy.study import (
-    TABLE_END,
-    TABLE_START,
-    VARIANTS,
-    aggregate,
-    arm_runs,
-    caption,
-    policy_gain,
-    read_readme,
-    table,
-    update_readme,
-)
+from qstar_jax.toy.study import TABLE_END, TABLE_START, VARIANTS, aggregate, arm_runs, caption, policy_gain, table
+from qstar_jax.toy.runs import read_readme, update_readme
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -375,23 +375,23 @@ def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, messag
     """Checked up front (in-process: the `train` the CLI calls): a 0 found later costs a
     compile, or ends "successfully" with nothing trained or kept."""
     from experiments import tiny_cpu
-    from qstar_jax.training import trainer as train
+    from qstar_jax.training import trainer
 
     cfg = tiny_cpu.get_config()
     *parents, leaf = key.split(".")
     functools.reduce(lambda c, name: c[name], parents, cfg)[leaf] = value
     with pytest.raises(UserError, match=re.escape(message)):
-        train.train(cfg, str(tmp_path / "run"))
+        trainer.train(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
 def test_workdir_that_is_a_file(tmp_path):
     from experiments import tiny_cpu
-    from qstar_jax.training import trainer as train
+    from qstar_jax.training import trainer
 
     (tmp_path / "run").write_text("notes")
     with pytest.raises(UserError, match="--workdir .*run is a file, not a directory"):
-        train.train(tiny_cpu.get_config(), str(tmp_path / "run"))
+        trainer.train(tiny_cpu.get_config(), str(tmp_path / "run"))
     assert (tmp_path / "run").read_text() == "notes"
 
 

@@ -114,9 +114,7 @@ def analyze(checkpoint: str, data: str, output: str, seq_len: int, max_documents
     documents = (source[i] for i in range(min(len(source), max_documents) if max_documents > 0 else len(source)))
     sequences, all_nll, all_gain = [], [], []
     for i, text in enumerate(documents):
-        ids = tokenizer.encode(text)[:seq_len]
-        if tokenizer.bos_id is not None:
-            ids = [tokenizer.bos_id] + ids[: seq_len - 1]
+        ids = tokenizer.with_bos(tokenizer.encode(text))[:seq_len]
         if len(ids) < 2:
             continue
         nll, gain, valid, thoughts = token_gains(config, qs, params, np.asarray([ids], np.int32), seed + i)

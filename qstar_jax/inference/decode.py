@@ -19,13 +19,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.models.config import ModelConfig
-from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.errors import UserError
-from qstar_jax.models.transformer import Params
-from qstar_jax.models.kv_cache import KVCache, decode_embeddings, embed, init_cache, lm_head
-from qstar_jax.method.sampling import mask_thought_tokens, sample_thought_tokens
+from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.method.mixing import mix_hidden, thought_embeddings
+from qstar_jax.method.sampling import mask_thought_tokens, sample_tokens
+from qstar_jax.models.config import ModelConfig
+from qstar_jax.models.kv_cache import KVCache, decode_embeddings, embed, init_cache, lm_head
+from qstar_jax.models.transformer import Params
 
 REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought steps use 1, 2, ...
 
@@ -33,14 +33,6 @@ REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought step
 def _lm(params: Params) -> Params:
     """The LM's params, from Quiet-STaR params or from a plain LM's own."""
     return params["lm"] if "lm" in params else params
-
-
-def sample_tokens(logits_BxV: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    """Greedy for temperature <= 0, else a sample from softmax(logits / temperature)."""
-    if temperature <= 0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    uniform_B = jax.random.uniform(key, logits_BxV.shape[:1])
-    return sample_thought_tokens(logits_BxV, uniform_B, temperature)
 
 
 def think(config: ModelConfig, qs: QuietStarConfig, params: Params, cache: KVCache, key: jax.Array):
@@ -69,7 +61,7 @@ def think(config: ModelConfig, qs: QuietStarConfig, params: Params, cache: KVCac
 def forget_after(cache: KVCache, length: jax.Array, next_position_B: jax.Array) -> KVCache:
     """Drops every cache slot from `length` on (a finished thought), restoring positions."""
     keep_S = jnp.arange(cache.valid_BxS.shape[1]) < length
-    return cache._replace(valid_BxS=cache.valid_BxS & keep_S, length=length, next_position_B=next_position_B)
+    return cache._replace(valid_BxS=cache.valid_BxS & keep_S[None], length=length, next_position_B=next_position_B)
 
 
 def mixed_logits(config: ModelConfig, qs: QuietStarConfig, params: Params, h_base_BxD: jax.Array,

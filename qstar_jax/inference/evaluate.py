@@ -42,6 +42,9 @@ ANSWER_TOKENS = 8  # greedy tokens read for a number
 
 
 class Evaluator(NamedTuple):
+    """A model ready to score benchmarks: its configs, params and tokenizer, and whether it
+    thinks before each answer token (Quiet-STaR) or predicts plainly."""
+
     config: object
     qs: object
     params: object
@@ -53,9 +56,9 @@ def _ids(ev: Evaluator, text: str, new_tokens: int) -> list[int]:
     """The prompt's ids; one longer than the context keeps its last tokens (where the
     question is asked) after the BOS token."""
     room = prompt_room(ev.config, ev.qs, new_tokens, ev.thinking)
-    bos = [ev.tokenizer.bos_id] if ev.tokenizer.bos_id is not None else []
     ids = ev.tokenizer.encode(text)
-    return bos + ids[max(len(ids) - (room - len(bos)), 0):]
+    bos = len(ev.tokenizer.with_bos([]))
+    return ev.tokenizer.with_bos(ids[max(len(ids) - (room - bos), 0):])
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[jax.Array, jax.Array]:
@@ -76,16 +79,12 @@ def answer_logits(ev: Evaluator, prompt: str, continuation: list[int], seed: int
     return np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
 
 
-def greedy_text(ev: Evaluator, prompts: list[str], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
+def generated_text(ev: Evaluator, prompts: list[str], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Continuations of `prompts` (greedy at temperature 0, else sampled), cut at EOS."""
     tokens, valid = left_pad([_ids(ev, p, new_tokens) for p in prompts], ev.tokenizer.pad_id)
     out, _ = generate(ev.config, ev.qs, ev.params, tokens, valid, jax.random.key(seed), new_tokens, temperature,
                       ev.thinking)
-    texts = []
-    for row in np.asarray(out).tolist():
-        if ev.tokenizer.eos_id is not None and ev.tokenizer.eos_id in row:
-            row = row[: row.index(ev.tokenizer.eos_id)]
-        texts.append(ev.tokenizer.decode(row))
-    return texts
+    return [ev.tokenizer.decode(ev.tokenizer.until_eos(row)) for row in np.asarray(out).tolist()]
 
 
 def numeric_token_mask(tokenizer, vocab_size: int) -> np.ndarray:
@@ -117,14 +116,14 @@ def score_gsm8k(ev: Evaluator, ex: Example, numeric_V: np.ndarray) -> tuple[floa
     allowed = np.where(numeric_V, logp_MxV, -np.inf)
     allowed[np.arange(len(answer_ids)), answer_ids] = logp_MxV[np.arange(len(answer_ids)), answer_ids]
     log_soft = sum(logp_MxV[t, a] - np.logaddexp.reduce(allowed[t]) for t, a in enumerate(answer_ids))
-    predicted = extract_number(greedy_text(ev, [ex.prompt], ANSWER_TOKENS)[0])
+    predicted = extract_number(generated_text(ev, [ex.prompt], ANSWER_TOKENS)[0])
     return float(np.exp(log_soft)), predicted == ex.answer
 
 
 def cot_majority(ev: Evaluator, ex: Example, votes: int, chain_tokens: int, seed: int) -> tuple[str | None, bool]:
     cot_prompt = f"Q: {ex.question}\nA:{COT_TRIGGER}"
-    chains = greedy_text(ev, [cot_prompt] * votes, chain_tokens, temperature=0.9, seed=seed)
-    finals = greedy_text(ev, [cot_prompt + chain.split("\nQ:")[0] + COT_ANSWER for chain in chains], ANSWER_TOKENS)
+    chains = generated_text(ev, [cot_prompt] * votes, chain_tokens, temperature=0.9, seed=seed)
+    finals = generated_text(ev, [cot_prompt + chain.split("\nQ:")[0] + COT_ANSWER for chain in chains], ANSWER_TOKENS)
     vote = majority_vote(finals)
     return vote, vote == ex.answer
 
@@ -137,6 +136,8 @@ def majority_vote(answers: list[str]) -> str | None:
 
 def evaluate(ev: Evaluator, task: str, examples: list[Example], cot_votes: int = 0, chain_tokens: int = 96,
              seed: int = 0) -> dict:
+    """Zero-shot scores on `examples`: the mean probability of the answer (soft score) and
+    accuracy; with `cot_votes`, GSM8K chain-of-thought majority-vote accuracy too."""
     numeric_V = numeric_token_mask(ev.tokenizer, ev.config.vocab_size) if task == "gsm8k" else None
     soft, correct, cot = [], [], []
     for i, ex in enumerate(examples):

@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> str:
     config, qs, params, tokenizer = load_for_inference(args.checkpoint)
     if args.think and qs is None:
         raise UserError(f"{args.checkpoint} has no thought parameters (a plain LM); use --no-think")
-    prompt = tokenizer.encode(args.prompt)
-    if tokenizer.bos_id is not None:
-        prompt = [tokenizer.bos_id] + prompt
+    prompt = tokenizer.with_bos(tokenizer.encode(args.prompt))
     if not prompt:
         raise UserError("the prompt is empty")
     room = prompt_room(config, qs, args.max_new_tokens, args.think)
@@ -68,9 +66,7 @@ def run(args: argparse.Namespace) -> str:
         config, qs, params, prompt_1xT, jnp.ones(prompt_1xT.shape, bool), jax.random.key(args.seed),
         args.max_new_tokens, args.temperature, args.think,
     )
-    tokens = [int(t) for t in tokens_1xM[0]]
-    if tokenizer.eos_id is not None and tokenizer.eos_id in tokens:
-        tokens = tokens[: tokens.index(tokenizer.eos_id)]
+    tokens = tokenizer.until_eos(int(t) for t in tokens_1xM[0])
     thoughts = [[int(t) for t in th] for th in thoughts_1xMxS[0]] if args.think and args.show_thoughts else None
     return render(tokenizer, tokens, thoughts)
 

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from qstar_jax import paths
-from qstar_jax.training.data import json_lines
+from qstar_jax.training.data import json_lines, open_tfds_split
 from qstar_jax.errors import UserError
 
 TASKS = ("gsm8k", "csqa", "piqa", "siqa")
@@ -90,13 +90,8 @@ def _plain(value: Any) -> Any:
 def _records(path: str, data_dir: str | None):
     """(location, record) pairs from a JSONL file or from "tfds:NAME/SPLIT" in `data_dir`."""
     if path.startswith(TFDS_PREFIX):
-        import tensorflow_datasets as tfds
-
         name, _, split = path[len(TFDS_PREFIX):].partition("/")
-        try:
-            source = tfds.data_source(name, split=split or "test", data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises many types for "not prepared here"
-            raise UserError(f"tfds dataset {name!r} is not prepared in {data_dir}: {str(e).splitlines()[0]}") from None
+        source = open_tfds_split(name, split or "test", data_dir)
         for i in range(len(source)):
             yield f"{path}[{i}]", _plain(source[i])
         return

@@ -137,7 +137,7 @@ class DenseThoughtAttention:
 
         base_mask_BxNxN, cache_mask_S = _thought_masks(inputs.extras, n, s, self.sliding_window)
         same_position_NxN = jnp.eye(n, dtype=bool)
-        cache_mask_NxNS = (same_position_NxN[:, :, None] & cache_mask_S).reshape(n, n * s)
+        cache_mask_NxNS = (same_position_NxN[:, :, None] & cache_mask_S[None, None]).reshape(n, n * s)
         mask_BxNxK = jnp.concatenate(
             [base_mask_BxNxN, jnp.broadcast_to(cache_mask_NxNS, (b, n, n * s)), jnp.broadcast_to(same_position_NxN, (b, n, n))],
             axis=-1,
@@ -194,7 +194,7 @@ class ThoughtBlockAttention:
         step_S = jnp.arange(1, s + 1)
         own_mask_SxS = step_S[:, None] >= step_S[None, :]
         if self.sliding_window is not None:
-            q_pos_BxNxS = extras.base_positions_BxN[:, :, None] + step_S
+            q_pos_BxNxS = extras.base_positions_BxN[:, :, None] + step_S[None, None]
             base_mask_BxNx1xM = base_mask_BxNx1xM & (
                 q_pos_BxNxS[..., None] - extras.base_positions_BxN[:, None, None, :] < self.sliding_window)
             own_mask_SxS &= step_S[:, None] - step_S[None, :] < self.sliding_window

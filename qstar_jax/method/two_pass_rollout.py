@@ -30,7 +30,7 @@ def teacher_forced_rollout(config, qs: QuietStarConfig, params, lm: LM, base: Ba
     ])
     x_BxLxD = inputs_SxBxTxD.transpose(1, 2, 0, 3).reshape(b, p * n * s_all, d)  # L = (pass, position, step)
     steps_S = jnp.arange(1, s_all + 1, dtype=jnp.int32)
-    positions_BxL = (tile(base.positions_BxN)[:, :, None] + steps_S).reshape(b, -1)
+    positions_BxL = (tile(base.positions_BxN)[:, :, None] + steps_S[None, None]).reshape(b, -1)
     block_model = Transformer(config, ThoughtBlockAttention(config.sliding_window, p, s_all))
     h_BxLxD, _ = block_model.apply(lm.variables, x_BxLxD, AttentionInputs(
         positions_BxL, BlockExtras(base.positions_BxN, base.segments_BxN)), base.kv, method=Transformer.transform)

@@ -2,7 +2,7 @@
 
 One mesh with axes (data, fsdp, tensor). Batches split over data x fsdp; parameters
 and optimizer state shard by a small table of rules (regex on the parameter path ->
-PartitionSpec), MaxText style: weight matrices split their model dimension over fsdp and
+PartitionSpec): weight matrices split their model dimension over fsdp and
 their head / MLP / vocab dimension over tensor. A dimension that a mesh axis does not
 divide stays unsplit for that axis, so the same rules serve a 2-layer toy and a 7B model.
 """
@@ -86,6 +86,7 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
+    """A NamedSharding per parameter (same tree), from the partition rules above."""
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, param_spec(_path_str(path), x.shape, mesh)), abstract_params
     )

@@ -8,9 +8,9 @@ Attention is pluggable: a `Block` computes q/k/v (with RoPE at explicit position
 hands them to an *attention strategy* that decides what each query sees and what per-layer
 state (a KV cache, the keys of a base pass, ...) flows in and out. Two strategies live
 here: `CausalAttention` (a full sequence, with padding, packed-document segments and
-sliding window) and `CachedAttention` (incremental decoding with a KV cache). Quiet-STaR's
-thought attention (in `quiet_star.py`) is a third, built from the helpers below; nothing
-hard-wires a plain causal mask into the only code path.
+sliding window) and `CachedAttention` (incremental decoding with a KV cache, driven by
+kv_cache.py). Quiet-STaR's thought attentions (method/attention.py) are built from the
+helpers below; nothing hard-wires a plain causal mask into the only code path.
 
 Segment ids (`segments_BxT`, int32) say which document each token belongs to: 0 is
 padding, 1, 2, ... are the documents packed into a row, in order. A token attends only to
@@ -57,7 +57,7 @@ def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> 
     head_dim = x_BxTxHxK.shape[-1]
     angle_dtype = at_least_float32(x_BxTxHxK.dtype)
     inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=angle_dtype) / head_dim)
-    angles_BxTxK2 = positions_BxT[..., None].astype(angle_dtype) * inv_freq_K2
+    angles_BxTxK2 = positions_BxT[..., None].astype(angle_dtype) * inv_freq_K2[None, None]
     angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
     cos_BxTx1xK = jnp.cos(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
     sin_BxTx1xK = jnp.sin(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
@@ -209,7 +209,8 @@ class RMSNorm(nn.Module):
         scale_D = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), self.param_dtype)
         x32 = x_BxTxD.astype(at_least_float32(x_BxTxD.dtype))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale_D.astype(self.dtype) * normed.astype(self.dtype)
+        scale = scale_D.astype(self.dtype).reshape((1,) * (x_BxTxD.ndim - 1) + (-1,))  # any leading dims
+        return scale * normed.astype(self.dtype)
 
 
 class Block(nn.Module):
@@ -220,28 +221,28 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, layer_state: Any, inputs: AttentionInputs):
-        cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        config = self.config
+        dtype, param_dtype = _dtype(config.dtype), _dtype(config.param_dtype)
         dense = functools.partial(
             nn.Dense, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(0.02)
         )
-        norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm = functools.partial(RMSNorm, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         b, t, _ = x_BxTxD.shape
-        h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, g, k = config.num_heads, config.num_kv_heads, config.head_dim
 
         y_BxTxD = norm(name="attn_norm")(x_BxTxD)
-        q_BxTxHxK = dense(h * k, use_bias=cfg.qkv_bias, name="q_proj")(y_BxTxD).reshape(b, t, h, k)
-        k_BxTxGxK = dense(g * k, use_bias=cfg.qkv_bias, name="k_proj")(y_BxTxD).reshape(b, t, g, k)
-        v_BxTxGxK = dense(g * k, use_bias=cfg.qkv_bias, name="v_proj")(y_BxTxD).reshape(b, t, g, k)
-        q_BxTxHxK = apply_rope(q_BxTxHxK, inputs.positions_BxT, cfg.rope_theta)
-        k_BxTxGxK = apply_rope(k_BxTxGxK, inputs.positions_BxT, cfg.rope_theta)
+        q_BxTxHxK = dense(h * k, use_bias=config.qkv_bias, name="q_proj")(y_BxTxD).reshape(b, t, h, k)
+        k_BxTxGxK = dense(g * k, use_bias=config.qkv_bias, name="k_proj")(y_BxTxD).reshape(b, t, g, k)
+        v_BxTxGxK = dense(g * k, use_bias=config.qkv_bias, name="v_proj")(y_BxTxD).reshape(b, t, g, k)
+        q_BxTxHxK = apply_rope(q_BxTxHxK, inputs.positions_BxT, config.rope_theta)
+        k_BxTxGxK = apply_rope(k_BxTxGxK, inputs.positions_BxT, config.rope_theta)
         out_BxTxHxK, new_layer_state = self.attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs)
-        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=False, name="o_proj")(out_BxTxHxK.reshape(b, t, h * k))
+        x_BxTxD = x_BxTxD + dense(config.hidden_size, use_bias=False, name="o_proj")(out_BxTxHxK.reshape(b, t, h * k))
 
         y_BxTxD = norm(name="mlp_norm")(x_BxTxD)
-        gate_BxTxF = dense(cfg.intermediate_size, use_bias=False, name="gate_proj")(y_BxTxD)
-        up_BxTxF = dense(cfg.intermediate_size, use_bias=False, name="up_proj")(y_BxTxD)
-        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate_BxTxF) * up_BxTxF)
+        gate_BxTxF = dense(config.intermediate_size, use_bias=False, name="gate_proj")(y_BxTxD)
+        up_BxTxF = dense(config.intermediate_size, use_bias=False, name="up_proj")(y_BxTxD)
+        x_BxTxD = x_BxTxD + dense(config.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate_BxTxF) * up_BxTxF)
         return x_BxTxD, new_layer_state
 
 
@@ -256,29 +257,29 @@ class Transformer(nn.Module):
     attention: Any = None
 
     def setup(self):
-        cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
-        attention = self.attention or CausalAttention(cfg.sliding_window)
+        config = self.config
+        dtype, param_dtype = _dtype(config.dtype), _dtype(config.param_dtype)
+        attention = self.attention or CausalAttention(config.sliding_window)
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
+            config.vocab_size,
+            config.hidden_size,
             embedding_init=nn.initializers.normal(0.02),
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        block = nn.remat(Block, prevent_cse=False) if config.remat else Block
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
-            length=cfg.num_layers,
-            unroll=cfg.scan_unroll,
-        )(cfg, attention)
-        self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
-        if not cfg.tie_word_embeddings:
+            length=config.num_layers,
+            unroll=config.scan_unroll,
+        )(config, attention)
+        self.final_norm = RMSNorm(config.rms_norm_eps, dtype, param_dtype)
+        if not config.tie_word_embeddings:
             self.lm_head = nn.Dense(
-                cfg.vocab_size,
+                config.vocab_size,
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
@@ -355,7 +356,8 @@ def token_logp(logits_xV: jax.Array, tokens_x: jax.Array) -> jax.Array:
     """log softmax(logits)[token], picked with a one-hot compare rather than a gather:
     its gradient is then elementwise, not a scatter (scatters are slow on CPU)."""
     vocab_V = jnp.arange(logits_xV.shape[-1])
-    picked_x = jnp.sum(jnp.where(vocab_V == tokens_x[..., None], logits_xV, 0.0), axis=-1)
+    vocab_xV = vocab_V.reshape((1,) * tokens_x.ndim + (-1,))
+    picked_x = jnp.sum(jnp.where(vocab_xV == tokens_x[..., None], logits_xV, 0.0), axis=-1)
     return picked_x - jax.nn.logsumexp(logits_xV, axis=-1)
 
 

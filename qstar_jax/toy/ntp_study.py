@@ -29,27 +29,13 @@ import time
 import jax
 import numpy as np
 
-from qstar_jax.training import checkpoint
-from qstar_jax.training import curriculum
-from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.errors import exit_on_user_error
+from qstar_jax.inference import speed
+from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy
-from qstar_jax.toy.study import (
-    ARM_CONFIG,
-    BASE_CONFIG,
-    SMOKE_ARM,
-    SMOKE_BASE,
-    TEST_PROBLEMS,
-    TEST_SEED,
-    export_base,
-    int_list,
-    make_workdir,
-    publish,
-    read_readme,
-    score_run,
-    summarise,
-    train,
-)
+from qstar_jax.toy.study import ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED, score_run, summarise
+from qstar_jax.toy.runs import export_base, int_list, make_workdir, publish, read_readme, train
+from qstar_jax.training import checkpoint
 
 NUM_OPS = 3  # a 2-layer model answers 0.27 of 3-op chains without working, all of them with it
 TEACHER_STEPS = STUDENT_STEPS = 200
@@ -142,7 +128,7 @@ def caption(results: dict) -> str:
             f"teacher {TEACHER_STEPS} Quiet-STaR steps from the base, students {STUDENT_STEPS} steps from the "
             f"teacher, control {TEACHER_STEPS + STUDENT_STEPS} steps from the base; seeds "
             f"{', '.join(map(str, results['seeds']))}; chance accuracy 0.100. Decoding: greedy, batch 1, "
-            f"{SPEED_TOKENS} new tokens, median of {curriculum.BENCH_REPEATS} alternating runs (seed "
+            f"{SPEED_TOKENS} new tokens, median of {speed.BENCH_REPEATS} alternating runs (seed "
             f"{results['seeds'][0]}'s runs; a student has the base model's architecture). Whole study: "
             f"{results['wall_s'] / 60:.1f} min on this machine (`{results['command']}`).")
 
@@ -205,7 +191,7 @@ def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
     first = seeds[0]
     timed = {"base": base_model, "teacher": os.path.join(workdir, f"teacher_seed{first}"),
              "student_paper": os.path.join(workdir, f"student_paper_seed{first}")}
-    results["speed"] = curriculum.generation_speeds({arm: (path, None) for arm, path in timed.items()}, SPEED_TOKENS)
+    results["speed"] = speed.generation_speeds({arm: (path, None) for arm, path in timed.items()}, SPEED_TOKENS)
     results["wall_s"] = time.perf_counter() - start
     return results
 

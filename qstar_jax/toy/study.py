@@ -29,23 +29,20 @@ docs/toy_experiment.md explains the design.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from qstar_jax.training import checkpoint
-from qstar_jax.models import model_files
+from qstar_jax.errors import exit_on_user_error
 from qstar_jax.toy import reasoning as toy_reasoning
-from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
+from qstar_jax.toy.runs import REPO, export_base, int_list, make_workdir, publish, read_readme, train
+from qstar_jax.training import checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(REPO, "experiments", "toy_reasoning_base.py")
 ARM_CONFIG = os.path.join(REPO, "experiments", "toy_reasoning.py")
 TEST_SEED = 3  # train: 0 (base) and 1 (arms); development: 2; test: 3
@@ -99,37 +96,6 @@ SMOKE_ARM = ["--config.steps=4", "--config.checkpoint_every=2", "--config.data.t
 # ----------------------------------------------------------------------------------- runs
 
 
-def make_workdir(path: str) -> None:
-    """A study's --workdir, created if needed; a path that cannot be one is a one-line error."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"--workdir {path}: not a directory (a file is in the way)") from None
-    except PermissionError as e:
-        raise UserError(f"--workdir {path}: cannot create it ({e.strerror})") from None
-
-
-def train(config: str, workdir: str, overrides: list[str], cache_dir: str) -> float:
-    """One `qstar_jax.train` run (resumes if already started); returns its wall seconds."""
-    os.makedirs(workdir, exist_ok=True)
-    args = [sys.executable, "-m", "qstar_jax.train", "--config", config, "--workdir", workdir,
-            f"--config.compilation_cache_dir={cache_dir}", *overrides]
-    start = time.perf_counter()
-    with open(os.path.join(workdir, "train.log"), "a") as log:
-        result = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode:
-        raise UserError(f"training run failed (exit {result.returncode}); see {workdir}/train.log")
-    return time.perf_counter() - start
-
-
-def export_base(run_dir: str, model_dir: str) -> None:
-    """The base run's final checkpoint as a model directory (what init_from reads)."""
-    if model_files.is_model_dir(model_dir):
-        return
-    config, _, params, tokenizer = checkpoint.load_for_inference(run_dir)
-    model_files.save_model(model_dir, config, params, tokenizer)
-
-
 def arm_runs(seeds: list[int], n_aheads: list[int], policy_loss_weight: float = 1.0,
              thinking_overrides: tuple[str, ...] = ()) -> list[dict]:
     """Per seed: the control, Quiet-STaR at each thought length, and Quiet-STaR with the
@@ -153,7 +119,7 @@ def initial_thoughts(base_model: str, n_ahead: int, items) -> dict:
     """How often the thought after "=" is the working when a Quiet-STaR run starts: the
     base LM with start/end embeddings from "---", exactly as `train` builds them."""
     from experiments.toy_reasoning import get_config
-    from qstar_jax.training.trainer import add_thoughts
+    from qstar_jax.training.setup import add_thoughts
 
     cfg = get_config()
     cfg.quiet_star.n_ahead = n_ahead
@@ -167,8 +133,8 @@ def initial_thoughts(base_model: str, n_ahead: int, items) -> dict:
 
 def score_run(run_dir: str, items, seed: int) -> dict[int, dict]:
     """Metrics at every checkpoint of a run: {step: {accuracy, answer_nll, ...}}."""
-    ckpt = checkpoint.TrainCheckpoints(os.path.join(run_dir, "checkpoints"), keep=1_000_000)
-    steps = sorted(ckpt.manager.all_steps())
+    ckpt = checkpoint.open_run(run_dir)
+    steps = ckpt.steps()
     ckpt.close()
     curve = {}
     for step in steps:
@@ -283,28 +249,6 @@ def _thinking_note(results: dict) -> str:
     return f" Both thinking arms run with {', '.join(f'`{o}`' for o in overrides)}." if overrides else ""
 
 
-def read_readme(path: str, markers: tuple[str, str]) -> str:
-    """The README text, checked for a study's table markers (before an hour of training)."""
-    start, end = markers
-    try:
-        with open(path) as f:
-            readme = f.read()
-    except FileNotFoundError:
-        raise UserError(f"README to update not found: {path} (pass --readme '' for none)") from None
-    if start not in readme or end not in readme:
-        raise UserError(f"{path} has no {start} ... {end} markers to put the table between (pass --readme '' for none)")
-    return readme
-
-
-def update_readme(path: str, text: str, markers: tuple[str, str]) -> None:
-    """Replaces what lies between a study's markers in `path` with `text`."""
-    start, end = markers
-    head, rest = read_readme(path, markers).split(start, 1)
-    _, tail = rest.split(end, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{start}\n{text}\n{end}{tail}")
-
-
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -347,6 +291,9 @@ def plot(results: dict, path: str) -> None:
 
 
 def study(workdir: str, variant_name: str, seeds: list[int], n_aheads: list[int], smoke: bool) -> dict:
+    """The whole study in `workdir`: pretrain and export the base model, train every arm for
+    every seed, score each on the held-out problems; returns the results that `publish`
+    writes to the README and plot."""
     start = time.perf_counter()
     variant = VARIANTS[variant_name]
     make_workdir(workdir)
@@ -410,14 +357,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def int_list(text: str) -> list[int]:
-    """argparse type of a comma-separated list of integers (`0,1,2`)."""
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     from absl import logging
@@ -432,15 +371,3 @@ def main(argv: list[str] | None = None) -> None:
             VARIANTS[args.variant].markers, plot, args.plot)
 
 
-def publish(results: dict, workdir: str, text: str, readme: str, markers: tuple[str, str],
-            draw: Callable[[dict, str], None], plot_path: str) -> None:
-    """A study's outputs: WORKDIR/results.json, the table printed and put between the README's
-    markers (unless `readme` is ''), and `draw(results, plot_path)` (unless it is '')."""
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(text)
-    if readme:
-        update_readme(readme, text, markers)
-    if plot_path:
-        draw(results, plot_path)
-        print(f"plot: {plot_path}")

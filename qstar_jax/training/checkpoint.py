@@ -33,6 +33,10 @@ from qstar_jax.models.config import ModelConfig
 from qstar_jax.models.model_files import is_model_dir, load_model, load_model_tokenizer, sharded_target
 from qstar_jax.models.transformer import Params
 from qstar_jax.training.manifest import verify_step, write_manifest
+from qstar_jax.training.metrics import status
+from qstar_jax.training.step import (
+    TrainState,
+)
 from qstar_jax.training.storage import report_storage_failures_once, storage_failure
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -54,7 +58,67 @@ def _selection_value(metrics: dict[str, float]) -> float:
     return metrics[SELECTION_METRIC]
 
 
-class TrainCheckpoints:
+class CheckpointReader:
+    """Read-only access to a run's checkpoints: its steps, their selection metrics, a step's
+    verification against its manifest, its run metadata and its params. The Orbax manager
+    is opened read-only (no retention policy runs, nothing is created or deleted), so tools
+    and later runs can read a run that another process may still be writing."""
+
+    def __init__(self, directory: str, manager: ocp.CheckpointManager | None = None):
+        self.directory = paths.absolute(directory)
+        self.manager = manager or ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+    def steps(self) -> list[int]:
+        """Every finished step, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> paths.Path:
+        return paths.path(self.directory) / str(step)
+
+    def verify(self, step: int) -> str | None:
+        """Why step `step` is corrupt (None: its files match its manifest)."""
+        return verify_step(self.step_dir(step))
+
+    def metrics(self) -> dict[int, float]:
+        """The selection metric of every kept checkpoint that was saved with one."""
+        values = {step: self.manager.metrics(step) for step in self.manager.all_steps()}
+        return {step: float(m[SELECTION_METRIC]) for step, m in values.items() if m}
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_params(self, step: int, mesh: Mesh, param_dtype: str | None = None) -> tuple[Params, dict[str, Any]]:
+        """(params, meta) of a step, sharded on `mesh`; the optimizer state is not read.
+
+        For tools and for runs that start from another run (curriculum stages, the NTP
+        teacher): shapes come from the checkpoint's metadata, shardings from `mesh`.
+        """
+        state_dir = paths.path(self.directory) / str(step) / "state"
+        stored = ocp.StandardCheckpointer().metadata(paths.absolute(state_dir)).item_metadata["params"]
+        target = {"params": sharded_target(stored, mesh, param_dtype)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return restored["state"]["params"], restored["meta"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def open_run(path: str) -> CheckpointReader:
+    """The checkpoints of the training run in `path` (its --workdir), read-only."""
+    if not is_training_dir(path):
+        raise UserError(f"{path} is not a training directory (no {CHECKPOINTS_DIR}/ in it)")
+    return CheckpointReader(str(paths.path(path) / CHECKPOINTS_DIR))
+
+
+class TrainCheckpoints(CheckpointReader):
     """Orbax `CheckpointManager` for training: state + data-iterator position + run metadata.
 
     Each step directory holds three items: `state` (params, optimizer state, step, rng;
@@ -70,7 +134,6 @@ class TrainCheckpoints:
     def __init__(self, directory: str, keep: int, async_save: bool = True, best_mode: str | None = None):
         """Keeps the newest `keep` checkpoints; with `best_mode` ("min" or "max") also the one
         with the best metric passed to `save`, so a curriculum stage never loses its pick."""
-        self.directory = paths.absolute(directory)
         policies = [ocp.checkpoint_managers.LatestN(keep)]
         if best_mode is not None:
             policies.append(ocp.checkpoint_managers.BestN(
@@ -81,19 +144,9 @@ class TrainCheckpoints:
             best_fn=None if best_mode is None else _selection_value,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        super().__init__(directory, ocp.CheckpointManager(paths.absolute(directory), options=options))
         self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
         report_storage_failures_once()
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def step_dir(self, step: int) -> paths.Path:
-        return paths.path(self.directory) / str(step)
-
-    def verify(self, step: int) -> str | None:
-        """Why step `step` is corrupt (None: its files match its manifest)."""
-        return verify_step(self.step_dir(step))
 
     def latest_verified_step(self) -> int | None:
         """The newest step whose files match its manifest."""
@@ -180,36 +233,12 @@ class TrainCheckpoints:
                 force=True,
             )
 
-    def metrics(self) -> dict[int, float]:
-        """The selection metric of every kept checkpoint that was saved with one."""
-        values = {step: self.manager.metrics(step) for step in self.manager.all_steps()}
-        return {step: float(m[SELECTION_METRIC]) for step, m in values.items() if m}
-
-    def restore_meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
         return restored["state"], restored["data"]
-
-    def restore_params(self, step: int, mesh: Mesh, param_dtype: str | None = None) -> tuple[Params, dict[str, Any]]:
-        """(params, meta) of a step, sharded on `mesh`; the optimizer state is not read.
-
-        For tools and for runs that start from another run (curriculum stages, the NTP
-        teacher): shapes come from the checkpoint's metadata, shardings from `mesh`.
-        """
-        state_dir = paths.path(self.directory) / str(step) / "state"
-        stored = ocp.StandardCheckpointer().metadata(paths.absolute(state_dir)).item_metadata["params"]
-        target = {"params": sharded_target(stored, mesh, param_dtype)}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                         partial_restore=True),
-            meta=ocp.args.JsonRestore(),
-        ))
-        return restored["state"]["params"], restored["meta"]
 
     def wait(self) -> None:
         with self._storage_failures_named(max(self._unmanifested, default=0)):
@@ -218,7 +247,7 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.wait()
-        self.manager.close()
+        super().close()
 
 
 # -------------------------------------------------------------------------------- inference
@@ -239,8 +268,8 @@ def load_for_inference(path: str, step: int | None = None, mesh: Mesh | None = N
     """
     mesh = mesh or sharding.make_mesh(1, -1, 1)
     if is_training_dir(path):
-        ckpt = TrainCheckpoints(str(paths.path(path) / CHECKPOINTS_DIR), keep=1_000_000)
-        steps = ckpt.manager.all_steps()
+        ckpt = open_run(path)
+        steps = ckpt.steps()
         if not steps:
             raise UserError(f"training directory {path} has no finished checkpoint yet")
         if step is None:
@@ -263,3 +292,83 @@ def load_for_inference(path: str, step: int | None = None, mesh: Mesh | None = N
         config, params = load_model(path, mesh, param_dtype)
         return config, None, params, load_model_tokenizer(path)
     raise UserError(f"{path} is neither a training directory (with checkpoints/) nor a model directory")
+
+
+def verified_start(ckpt: TrainCheckpoints) -> int | None:
+    """The newest checkpoint step whose files match its manifest; each newer, corrupt one
+    is moved aside (never deleted) with one line saying why. None: start from scratch."""
+    step = ckpt.latest_step()
+    while step is not None and (problem := ckpt.verify(step)) is not None:
+        step = _set_aside(ckpt, step, f"is corrupt: {problem}")
+    return step
+
+
+def _set_aside(ckpt: TrainCheckpoints, step: int, why: str) -> int:
+    """Moves a bad step aside; the step to resume from instead (refusing to start over)."""
+    where = ckpt.set_aside(step)
+    previous = verified_start(ckpt)
+    if previous is None:
+        raise UserError(f"checkpoint at step {step} {why}; moved to {where}, and no earlier checkpoint is left: "
+                        "start again with a new --workdir")
+    status(f"warning: checkpoint at step {step} {why}; moved to {where}, resuming from step {previous}")
+    return previous
+
+
+def restore_newest_readable(ckpt: RunCheckpoints, step: int, abstract_state, shardings, meta, train_documents: int,
+                            allow_changes: bool) -> tuple[TrainState, int]:
+    """Restores `step`, or the newest earlier step that reads, when Orbax cannot read it (a
+    step without a manifest cannot be checked beforehand). Settings mismatches are not
+    corruption: they stop the run."""
+    while True:
+        try:
+            return ckpt.restore(step, abstract_state, shardings, meta, train_documents, allow_changes), step
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for unreadable files
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            step = _set_aside(ckpt, step, f"is unreadable ({type(e).__name__}: {reason})")
+
+
+class RunCheckpoints(TrainCheckpoints):
+    """Training checkpoints that carry and check the run's model / method configs."""
+
+    def save(self, step: int, state: TrainState, meta: dict[str, Any],  # type: ignore[override]
+             metric: float | None = None, train_documents: int = 0) -> None:
+        # The data position: rows are a pure function of (seed, step, row) over this many
+        # training documents, so the next step is all a resume needs.
+        super().save(step, state.to_dict(), {"next_step": step, "train_documents": train_documents}, meta, metric)
+
+    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,  # type: ignore[override]
+                meta: dict[str, Any], train_documents: int = 0, allow_changes: bool = False) -> TrainState:
+        saved = self.restore_meta(step)
+        if saved["model_config"] != meta["model_config"]:
+            differing = sorted(k for k in meta["model_config"]
+                               if saved["model_config"].get(k) != meta["model_config"][k])
+            raise UserError(f"checkpoint at step {step} in {self.directory} is for another model "
+                            f"(differs in: {', '.join(differing)}); use a new --workdir")
+        changes = changed_settings(saved.get("settings", meta["settings"]), meta["settings"])
+        if changes and not allow_changes:
+            raise UserError(f"checkpoint at step {step} in {self.directory} was trained with other settings "
+                            f"({'; '.join(changes)}); rerun with them, use a new --workdir, or pass "
+                            "--config.allow_config_change=True")
+        if changes:
+            status(f"warning: resuming step {step} with changed settings: {'; '.join(changes)}")
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        )
+        state, data_state = super().restore(step, target.to_dict())
+        if data_state["next_step"] != step:
+            raise UserError(f"checkpoint at step {step} has inconsistent data state {data_state}")
+        saved_documents = data_state.get("train_documents", train_documents)
+        if saved_documents != train_documents:
+            status(f"warning: the checkpoint was trained on {saved_documents} documents, the data now has "
+                   f"{train_documents}: rows from step {step} on differ from an uninterrupted run")
+        return TrainState.from_dict(state)
+
+
+def changed_settings(saved: Any, current: Any, name: str = "") -> list[str]:
+    """'key: saved -> current' for every leaf that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted(set(saved) | set(current))
+                for change in changed_settings(saved.get(key), current.get(key), f"{name}.{key}" if name else key)]
+    return [] if saved == current else [f"{name}: {saved!r} -> {current!r}"]

@@ -20,30 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from qstar_jax import paths
-from qstar_jax.training import checkpoint
-from qstar_jax.models import model_files
-from qstar_jax.models import sharding
-from qstar_jax.inference.decode import generate
 from qstar_jax.errors import UserError
+from qstar_jax.inference.speed import generation_speed
+from qstar_jax.models import model_files, sharding
+from qstar_jax.training import checkpoint
 
 CHAIN_FILE = "chain.json"
 SUMMARY_FILE = "chain_summary.json"
 MODEL_DIR = "model"
-SELECTION_KEY = "selection"  # metrics.jsonl: the value a checkpoint is ranked by
 METHODS = ("lm", "quiet_star", "ntp")
 MODES = ("min", "max")
-BENCH_PROMPT = "Ava has 12 apples. Ben gives Ava 7 more. How many apples does Ava have now?"
-BENCH_REPEATS = 5
 
 
 class Selection(NamedTuple):
@@ -116,8 +108,8 @@ def logged_values(stage_dir: str) -> dict[str, float]:
     values = {}
     for line in paths.read_text(paths.path(stage_dir) / "metrics.jsonl", "stage metrics").splitlines():
         record = json.loads(line)
-        if SELECTION_KEY in record:  # a resumed run may log a step twice, with the same value
-            values[str(record["step"])] = record[SELECTION_KEY]
+        if checkpoint.SELECTION_METRIC in record:  # a resumed run may log a step twice, with the same value
+            values[str(record["step"])] = record[checkpoint.SELECTION_METRIC]
     return values
 
 
@@ -127,7 +119,8 @@ def stage_config(cfg: ml_collections.ConfigDict, stage: Stage, init: tuple[str, 
     c = cfg.copy_and_resolve_references()
     c.curriculum.stages = ()
     c.method = stage.method
-    c.steps = c.optimizer.total_steps = stage.steps
+    c.steps = stage.steps
+    c.optimizer.total_steps = 0  # the schedule follows the stage's steps
     c.optimizer.learning_rate = stage.learning_rate
     c.checkpoint_every = c.eval_every = stage.every
     if stage.n_ahead is not None:
@@ -140,48 +133,6 @@ def stage_config(cfg: ml_collections.ConfigDict, stage: Stage, init: tuple[str, 
     if teacher is not None:
         c.ntp.teacher, c.ntp.teacher_step = teacher
     return c
-
-
-def generation_runner(path: str, step: int | None, new_tokens: int) -> tuple[Callable[[], None], int]:
-    """(run, forward passes per generated token) for a checkpoint: `run()` decodes
-    `new_tokens` greedily after a fixed prompt (batch 1), thinking if the model thinks, and
-    waits for the result. Its first call compiles."""
-    config, qs, params, tokenizer = checkpoint.load_for_inference(path, step)
-    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(BENCH_PROMPT)
-    prompt_1xT = jnp.asarray([ids], jnp.int32)
-    valid_1xT = jnp.ones(prompt_1xT.shape, bool)
-
-    def run():
-        jax.block_until_ready(generate(config, qs, params, prompt_1xT, valid_1xT, jax.random.key(0), new_tokens,
-                                       0.0, qs is not None))
-
-    # decode.py: a thinking token costs n_ahead decode steps (n_ahead - 1 thought inputs + itself)
-    return run, qs.n_ahead if qs is not None else 1
-
-
-def generation_speeds(checkpoints: dict[str, tuple[str, int | None]], new_tokens: int) -> dict[str, dict[str, Any]]:
-    """Inference cost of checkpoints {name: (path, step)}: forward passes and measured
-    tokens/s per generated token. After one compiling run each, BENCH_REPEATS rounds time
-    every checkpoint once, in turn, so that a change in the machine's load falls on all of
-    them alike; the median per checkpoint. All of them are loaded at once (small models)."""
-    runners = {name: generation_runner(path, step, new_tokens) for name, (path, step) in checkpoints.items()}
-    for run, _ in runners.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(BENCH_REPEATS):
-        for name, (run, _) in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"forward_passes_per_token": passes,
-                   "tokens_per_s": round(new_tokens / statistics.median(times[name]), 1),
-                   "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times[name]]}
-            for name, (_, passes) in runners.items()}
-
-
-def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, Any]:
-    """`generation_speeds` of one checkpoint (one at a time keeps a large model's chain in memory)."""
-    return generation_speeds({path: (path, step)}, new_tokens)[path]
 
 
 def _write_json(path: paths.PathLike, value: Any) -> None:
@@ -236,7 +187,7 @@ def run_chain(cfg: ml_collections.ConfigDict, workdir: str,
         if not run_stage(stage_config(cfg, stage, init, teacher), stage_dir, selection):
             print("chain stopped before its end; run the same command to continue", flush=True)
             return
-        ckpt = checkpoint.TrainCheckpoints(str(paths.path(stage_dir) / checkpoint.CHECKPOINTS_DIR), keep=1_000_000)
+        ckpt = checkpoint.open_run(stage_dir)
         kept = ckpt.metrics()  # the newest checkpoints and the best, each with its metric
         ckpt.close()
         best = best_checkpoint(kept, selection.mode)

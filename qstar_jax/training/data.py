@@ -32,57 +32,19 @@ import dataclasses
 import functools
 import gzip
 import json
-import random
 from typing import Iterator, Protocol, Sequence
 
 import grain
 import numpy as np
 
 from qstar_jax import paths
-from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.tokenizer import Tokenizer
+from qstar_jax.toy import reasoning as toy_reasoning
+from qstar_jax.training.corpora import arithmetic_problems, default_corpus
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # ------------------------------------------------------------------------ default corpus
-
-
-def arithmetic_problems(num_problems: int, seed: int = 0) -> list[dict[str, str]]:
-    """Short arithmetic stories as GSM8K-format records (question, answer with "#### N").
-
-    Deterministic given the seed, so held-out problems are just another seed.
-    """
-    rng = random.Random(seed)
-    names = ["Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June"]
-    things = ["apples", "books", "coins", "shells", "stamps", "marbles", "pens", "cards"]
-    problems = []
-    for _ in range(num_problems):
-        name, other = rng.sample(names, 2)
-        thing = rng.choice(things)
-        a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
-        kind = rng.randrange(3)
-        if kind == 0:
-            question = f"{name} has {a} {thing}. {other} gives {name} {b} more. How many {thing} does {name} have now?"
-            steps, result = f"{a} plus {b} is {a + b}", a + b
-        elif kind == 1:
-            question = f"{name} packs {c} boxes with {a} {thing} in each box. How many {thing} are there in all?"
-            steps, result = f"{c} times {a} is {c * a}", c * a
-        else:
-            question = f"{name} had {a + b} {thing} and gave {b} to {other}. How many {thing} does {name} keep?"
-            steps, result = f"{a + b} minus {b} is {a}", a
-        problems.append({"question": question, "answer": f"{steps}, so the answer is {result}.\n#### {result}"})
-    return problems
-
-
-def default_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
-    """The embedded training text: each arithmetic problem with its worked answer.
-
-    The numbers make some tokens hard (the results) and others easy (the template),
-    which is what Quiet-STaR's thinking is meant to help with.
-    """
-    return [
-        f"{p['question']} {p['answer'].split(chr(10))[0]}" for p in arithmetic_problems(num_documents, seed)
-    ]
 
 
 # ------------------------------------------------------------------------------ sources
@@ -203,17 +165,25 @@ def file_documents(path: str, text_field: str = "text") -> Documents:
     return ConcatDocuments(parts)
 
 
+def open_tfds_split(name: str, split: str, data_dir: str | None):
+    """A prepared tfds split through `tfds.data_source` (random access, no TensorFlow, no
+    download); one line naming it when it is not there."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    # An unknown name is a DatasetNotFoundError (a ValueError), an unprepared one a
+    # NotImplementedError (a RuntimeError), missing files an OSError, a bad split a ValueError.
+    except (ValueError, RuntimeError, OSError, AssertionError) as e:
+        raise UserError(f"tfds dataset {name!r} split {split!r} is not prepared (not available in {data_dir}): "
+                        f"{str(e).splitlines()[0]}") from None
+
+
 class TfdsDocuments:
-    """A prepared tfds split through `tfds.data_source` (random access, no TensorFlow)."""
+    """The texts of a prepared tfds split."""
 
     def __init__(self, name: str, split: str, data_dir: str | None, text_field: str = "text"):
-        import tensorflow_datasets as tfds
-
-        try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises many types for "not prepared here"
-            raise UserError(f"tfds dataset {name!r} split {split!r} is not available in {data_dir}: "
-                            f"{str(e).splitlines()[0]}") from None
+        self._source = open_tfds_split(name, split, data_dir)
         self.text_field = text_field
 
     def __len__(self) -> int:
@@ -269,9 +239,7 @@ def leading_documents(documents: grain.MapDataset, limit: int) -> list[str]:
 
 def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """A document's token ids, wrapped in BOS ... EOS when the tokenizer has them."""
-    ids = tokenizer.encode(text)
-    if tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id] + ids
+    ids = tokenizer.with_bos(tokenizer.encode(text))
     if tokenizer.eos_id is not None:
         ids = ids + [tokenizer.eos_id]
     return np.asarray(ids, np.int32)

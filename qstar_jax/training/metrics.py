@@ -21,6 +21,10 @@ CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "toke
 
 
 class MetricsLog:
+    """One run's metrics log in its workdir: `write(step, metrics)` appends to metrics.jsonl
+    and TensorBoard (and wandb if configured) and updates the console; a resumed run drops
+    what earlier starts logged after the checkpoint it resumes from."""
+
     def __init__(self, workdir: str, total_steps: int, start_step: int, wandb_project: str = "",
                  config: dict[str, Any] | None = None):
         self.enabled = paths.is_writer()
@@ -105,3 +109,9 @@ class MetricsLog:
         self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def status(message: str) -> None:
+    """What the run is doing before its first step (loading, tokenising, compiling)."""
+    if paths.is_writer():
+        print(message, flush=True)

@@ -1,7 +1,8 @@
 """The optimizer and the jitted Quiet-STaR train step (loss, grads, accumulation, update).
 
-`train_step` is one pure function of (state, batch); `make_train_step` jits it with the
-state donated, so parameters and optimizer state are updated in place on device.
+`train_step` is one pure function of (state, batch); `make_train_step`, the one builder of
+every jitted step (Quiet-STaR, plain LM, NTP student), jits it with the state donated, so
+parameters and optimizer state are updated in place on device.
 Gradient accumulation runs inside the step as a `lax.scan` over micro-batches, so the
 optimizer sees the mean gradient of the whole global batch in one update.
 """
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qstar_jax.models import sharding
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.errors import UserError
@@ -50,15 +52,15 @@ class OptimizerConfig:
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
-    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+def learning_rate_schedule(opt: OptimizerConfig) -> optax.Schedule:
+    warmup = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
+    decay_steps = max(opt.total_steps - opt.warmup_steps, 1)
     after = {
-        "constant": optax.constant_schedule(cfg.learning_rate),
-        "linear": optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps),
-        "cosine": optax.cosine_decay_schedule(cfg.learning_rate, decay_steps),
-    }[cfg.schedule]
-    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+        "constant": optax.constant_schedule(opt.learning_rate),
+        "linear": optax.linear_schedule(opt.learning_rate, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(opt.learning_rate, decay_steps),
+    }[opt.schedule]
+    return optax.join_schedules([warmup, after], [opt.warmup_steps])
 
 
 DECAYED_PARAM_NAMES = ("kernel", "embedding")
@@ -73,11 +75,13 @@ def decay_mask(params: Params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED_PARAM_NAMES, params)
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm gradient clipping, then AdamW on the schedule, with weight decay on
+    matrices and embeddings only (`decay_mask`)."""
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.clip_by_global_norm(opt.grad_clip_norm),
         optax.adamw(  # moments in float32 whatever the params' dtype: bf16 moments lose small updates
-            learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
             mask=decay_mask, mu_dtype=jnp.float32,
         ),
     )
@@ -85,6 +89,9 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a step changes and a checkpoint holds: the step count, params, optimizer
+    state and the run's rng (one key for the run; each step folds its count in)."""
+
     step: jax.Array
     params: Params
     opt_state: optax.OptState
@@ -99,6 +106,8 @@ class TrainState:
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """Step 0: the optimizer's initial state for `params` (jit it with out_shardings to build
+    the state sharded, as the trainer does)."""
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
@@ -157,8 +166,24 @@ def train_step(
     return new_state, metrics
 
 
+def abstract_state_and_shardings(params_fn: Callable[[], Params], optimizer: optax.GradientTransformation, mesh):
+    """The train state's shapes (no arrays built) and the shardings it lives in on `mesh`."""
+    abstract_state = jax.eval_shape(lambda: init_train_state(params_fn(), optimizer, jax.random.key(0)))
+    return abstract_state, sharding.state_shardings(abstract_state, optimizer, mesh)
+
+
 def make_train_step(model_config: ModelConfig, qs: QuietStarConfig | None, optimizer: optax.GradientTransformation,
-                    **jit_kwargs):
-    """`train_step` bound to its loss and optimizer, jitted with the state donated."""
-    step = functools.partial(train_step, loss_fn=loss_fn_for(model_config, qs), optimizer=optimizer)
-    return jax.jit(step, donate_argnums=(0,), **jit_kwargs)
+                    ntp: NTPConfig | None = None, state_shardings: Any = None, batch_sharding: Any = None):
+    """The jitted train step, state donated: the one builder of training, tests and benchmarks.
+
+    Quiet-STaR with `qs`, a plain LM when `qs` is None, the NTP student with `ntp` (whose
+    step takes a third per-token input, the teacher's signal). With `state_shardings` and
+    `batch_sharding` the state and inputs are pinned to them (a mesh run); without, jit
+    places them (one device).
+    """
+    step = functools.partial(train_step, loss_fn=loss_fn_for(model_config, qs, ntp), optimizer=optimizer)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    n_inputs = 3 if ntp is not None else 2
+    return jax.jit(step, in_shardings=(state_shardings,) + (batch_sharding,) * n_inputs,
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
