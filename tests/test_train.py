@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import functools
 import os
@@ -76,9 +77,9 @@ def assert_ok(result):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One SMALL run of 6 steps on 1 device, shared by the tests that only read it (its own
-    compilation cache, so the test below sees what a run writes there)."""
+    compilation cache, so the test below sees what a run writes there; steps 2-3 profiled)."""
     workdir, cache = tmp_path_factory.mktemp("tiny_run"), tmp_path_factory.mktemp("tiny_run_jax_cache")
-    return workdir, cache, run_train(workdir, f"--config.compilation_cache_dir={cache}")
+    return workdir, cache, run_train(workdir, f"--config.compilation_cache_dir={cache}", "--config.profile_steps=2")
 
 
 def test_tiny_run_leaves_checkpoints_logs_and_model_files(tiny_run):
@@ -91,6 +92,8 @@ def test_tiny_run_leaves_checkpoints_logs_and_model_files(tiny_run):
     assert any("eval/loss" in m for m in metrics(tmp_path))
     assert os.path.isfile(tmp_path / "model_config.json") and os.path.isdir(tmp_path / "tokenizer")
     assert "step 6/6" in result.stdout
+    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, os.listdir(tmp_path)
     for line in ("loaded model from a random init", "data: 280 training documents", "compiled the train step",
                  "model FLOPs per step"):
         assert line in result.stdout, line
@@ -368,6 +371,7 @@ def _one_line_error(result, *fragments):
     ("log_every", 0, "log_every must be >= 1"),
     ("keep_checkpoints", 0, "keep_checkpoints must be >= 1"),
     ("eval_every", -1, "eval_every must be >= 0"),
+    ("profile_steps", -1, "profile_steps and profile_after must be >= 0"),
     ("data.seq_len", 1, "data.seq_len must be >= 2"),
     ("optimizer.schedule", "cosin", "optimizer.schedule must be one of constant, linear, cosine, got 'cosin'"),
 ])
@@ -383,6 +387,16 @@ def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, messag
     with pytest.raises(UserError, match=re.escape(message)):
         trainer.train(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_profiling_a_bucket_workdir_is_refused_up_front():
+    from experiments import tiny_cpu
+    from qstar_jax.training import trainer
+
+    cfg = tiny_cpu.get_config()
+    cfg.profile_steps = 1
+    with pytest.raises(UserError, match="profile_steps writes a local trace; --workdir gs://b/run is in a bucket"):
+        trainer.train(cfg, "gs://b/run")
 
 
 def test_workdir_that_is_a_file(tmp_path):

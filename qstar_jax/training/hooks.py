@@ -16,7 +16,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from qstar_jax import paths
 from qstar_jax.errors import UserError
 from qstar_jax.training.checkpoint import SELECTION_METRIC, RunCheckpoints
 from qstar_jax.training.metrics import MetricsLog
@@ -106,8 +105,6 @@ class Profile:
     written to `directory` (one trace per process, for TensorBoard's profile plugin)."""
 
     def __init__(self, directory: str, first: int, count: int):
-        if paths.is_remote(directory):
-            raise UserError(f"profile_steps writes a local trace; the workdir {directory} is remote")
         self.directory, self.first, self.count, self.tracing = directory, first, count, False
 
     def __call__(self, end: StepEnd) -> None:

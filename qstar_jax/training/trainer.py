@@ -130,6 +130,8 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
 def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False) -> None:
     """One training run, or with `curriculum.stages` the whole chain of them."""
     check_run_settings(cfg)
+    if cfg.profile_steps and paths.is_remote(workdir):
+        raise UserError(f"profile_steps writes a local trace; --workdir {workdir} is in a bucket (profile a local run)")
     if workdir and paths.path(workdir).exists() and not paths.path(workdir).is_dir():
         raise UserError(f"--workdir {workdir} is a file, not a directory")
     init_distributed(cfg.distributed)
