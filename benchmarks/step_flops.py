@@ -2,7 +2,7 @@
 
     python benchmarks/step_flops.py [--config experiments/mistral_owm.py] [--check]
 
-The counting lives in qstar_jax/flops.py (the training log's MFU uses it).
+The counting lives in qstar_jax/training/flops.py (the training log's MFU uses it).
 
 `--check` compiles the forward loss of a small model whose loops all run once and compares
 XLA's own count (`compiled.cost_analysis()`, which counts a loop body once) with this one.

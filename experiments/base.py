@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.quiet_star = ml_collections.ConfigDict(_fields(QuietStarConfig, skip=_RUNTIME_QUIET_STAR_FIELDS))
     config.optimizer = ml_collections.ConfigDict(_fields(OptimizerConfig))
     config.optimizer.total_steps = 0  # the schedule's length; 0 follows config.steps
-    # method=ntp: the loss knobs (qstar_jax/ntp.py) and the teacher, a Quiet-STaR training
+    # method=ntp: the loss knobs (qstar_jax/method/ntp.py) and the teacher, a Quiet-STaR training
     # workdir and its checkpoint step (0 = newest). A curriculum sets the teacher itself.
     config.ntp = ml_collections.ConfigDict({**_fields(NTPConfig), "teacher": "", "teacher_step": 0})
     # Fast Quiet-STaR: a chain of stages, each a run from the previous stage's best
@@ -81,12 +81,12 @@ def get_config() -> ml_collections.ConfigDict:
             seq_len=256,
             # False (the official code): one document per row, randomly cropped or padded
             # with EOS. True: rows packed with consecutive documents, attention and targets
-            # kept inside each (segment ids). See qstar_jax/data.py.
+            # kept inside each (segment ids). See qstar_jax/training/data.py.
             packing=False,
             eval_documents=100,  # held out from the end of the document list
             # source="toy_reasoning": problems, their seed, the share written out with working;
             # of those, the share whose "---" opens an unrelated aside instead, and of the
-            # rest the share whose working follows "---" rather than "::" (toy_reasoning.py)
+            # rest the share whose working follows "---" rather than "::" (qstar_jax/toy/reasoning.py)
             toy=dict(problems=20000, seed=0, explicit_fraction=0.5, num_ops=5, aside_fraction=0.0,
                      delimiter_fraction=1.0),
         )
@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every = 10
     config.eval_batches = 2
     # Zero-shot benchmarks run (with thinking) at every eval: "TASK:FILE[:LIMIT],..." e.g.
-    # "gsm8k:data/gsm8k/test.jsonl:200,csqa:data/csqa/dev.jsonl:200" (tasks.py has the formats).
+    # "gsm8k:data/gsm8k/test.jsonl:200,csqa:data/csqa/dev.jsonl:200" (qstar_jax/inference/tasks.py has the formats).
     config.eval_tasks = ""
     config.checkpoint_every = 50
     # A jax.profiler trace of `profile_steps` steps after step `profile_after` (or after the

@@ -3,7 +3,7 @@
     python -m qstar_jax.train --config experiments/fast_quiet_star_mistral.py --workdir runs/fast_quiet_star_mistral
 
 Prepare the model and OpenWebMath as for experiments/mistral_owm.py, and the four
-benchmarks in their public JSONL layouts (qstar_jax/tasks.py) under data/. Stages as in
+benchmarks in their public JSONL layouts (qstar_jax/inference/tasks.py) under data/. Stages as in
 the public code: n_ahead-n_ahead_talk 16-8 at lr 2e-6, then 12-4 and 8-4 at lr 1e-6,
 150 steps of 8 sequences each, a checkpoint every 10 steps; each stage starts from the
 previous stage's checkpoint with the best mean accuracy over GSM8K, CommonsenseQA, PIQA

@@ -33,7 +33,7 @@ def generation_runner(path: str, step: int | None, new_tokens: int) -> tuple[Cal
         jax.block_until_ready(generate(config, qs, params, prompt_1xT, valid_1xT, jax.random.key(0), new_tokens,
                                        0.0, qs is not None))
 
-    # decode.py: a thinking token costs n_ahead decode steps (n_ahead - 1 thought inputs + itself)
+    # inference/decode.py: a thinking token costs n_ahead decode steps (n_ahead - 1 thought inputs + itself)
     return run, qs.n_ahead if qs is not None else 1
 
 

@@ -1,17 +1,13 @@
-"""Model directories and training checkpoints, local or in a bucket, restored into shardings.
+"""Training checkpoints, local or in a bucket: the one checkpoint module of a run.
 
-Layout of a model directory (what `convert` writes and training can start from):
-
-    DIR/model_config.json        ModelConfig (architecture + dtypes)
-    DIR/params/NAME/             one Orbax checkpoint per array: a parameter, or one layer of
-                                 a scanned layer stack (embed_tokens.embedding,
-                                 layers.3.q_proj.kernel), so a writer holds one layer's
-                                 tensor at a time and converting a 7B model does not need
-                                 the model in host memory
-    DIR/tokenizer/               optional: tokenizer files (see tokenizer.py)
-
-Orbax handles local paths and bucket paths (gs://...) alike and restores straight onto a
-sharding when the abstract target carries one, so the same files serve a laptop and a pod.
+A run's `WORKDIR/checkpoints/STEP/` holds the train state (params, optimizer state, step,
+rng), the data position and the run's metadata (model and Quiet-STaR configs, the settings
+that decide the result), plus a manifest of every file (manifest.py). `TrainCheckpoints`
+writes them (asynchronously, keeping the newest and the best); `RunCheckpoints` adds the
+run-level checks of a resume; `CheckpointReader` / `open_run` read a run without writing;
+`load_for_inference` gives evaluation, generation and later runs a checkpoint's params from
+a training run or a model directory (models/model_files.py). Restores land straight in the
+target shardings, so the same files serve a laptop and a pod.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ read whole:
     the same way), read row group by row group; `.txt` files, one document each, read
     on demand; `.jsonl` files (a text field), read whole, for small corpora;
   * "toy_reasoning": chained arithmetic with the working written out or left implicit
-    (toy_reasoning.py; the miniature replication of docs/toy_experiment.md);
+    (toy/reasoning.py; the miniature replication of docs/toy_experiment.md);
   * "tfds": a tensorflow-datasets dataset by name, already prepared in `data_dir`, read
     through its TF-free array_record data source.
 
@@ -17,7 +17,7 @@ Rows follow the official code by default: one document per row (BOS + text + EOS
 randomly cropped to `seq_len` or right-padded (padding is segment 0: never attended to,
 never a target). With `data.packing` a row starts at a random point of one document and
 is filled with the next documents of the shuffled order, each its own segment (1, 2, ...)
-so packed documents never see each other (model.py's segment ids).
+so packed documents never see each other (models/transformer.py's segment ids).
 
 The order is grain's: documents shuffled by a seeded index permutation, reshuffled every
 epoch, addressed lazily. Row r of step s is global example `s * batch_size + r`, a pure

@@ -1,7 +1,7 @@
 """FLOPs of one training step, counted from the shapes the code runs, and the peak they
 are measured against (MFU in the training log; benchmarks/step_flops.py prints the count).
 
-What one step computes (quiet_star.rollout): a base pass over B x N tokens, then
+What one step computes (method/rollout.py): a base pass over B x N tokens, then
 n_steps = (n_ahead - 1) + (n_ahead_talk - 1) thought steps, each feeding T = n_passes * N
 tokens per row through every layer. A thought query attends to all N base keys (masked,
 not skipped) plus the S = n_steps slots of its own thought cache plus itself. The LM head

@@ -1,7 +1,7 @@
 """Training metrics: metrics.jsonl, TensorBoard events, a console progress line, optional wandb.
 
 Only process 0 writes, through the path layer (a gs:// workdir gets its logs in the bucket:
-`metrics.jsonl` and TensorBoard's event file (qstar_jax/tensorboard.py) are appended to
+`metrics.jsonl` and TensorBoard's event file (tensorboard.py) are appended to
 locally and re-uploaded whole on a bucket, which cannot append). On a terminal the console
 shows one updating progress line (step, loss, reward, mixing weight, tokens/s, ETA); in a
 log file (CI, pods) it prints plain lines.
