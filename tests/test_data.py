@@ -11,6 +11,7 @@ import pytest
 from qstar_jax.training import data
 from qstar_jax.training import corpora
 from qstar_jax.errors import UserError
+from qstar_jax.tokenizer import Tokenizer
 
 
 def config(**kw):
@@ -129,7 +130,7 @@ def test_tfds_source(tmp_path):
         data.load_documents(config(source="tfds", tfds_name="tiny_text", path=str(tmp_path / "none")))
 
 
-class CharTokenizer:
+class CharTokenizer(Tokenizer):
     """One id per character (+BOS 1, EOS 2): rows can be checked against the texts by eye."""
 
     bos_id, eos_id = 1, 2

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from qstar_jax.errors import UserError
+from qstar_jax.tokenizer import Tokenizer
 from qstar_jax.inference.evaluate import Evaluator, evaluate, majority_vote
 from qstar_jax.models.transformer import apply_lm
 from qstar_jax.inference.tasks import extract_number, load_examples
@@ -65,7 +66,7 @@ def test_extract_number_and_vote():
     assert majority_vote(["x", "y"]) is None
 
 
-class CharTokenizer:
+class CharTokenizer(Tokenizer):
     """One id per character: the hand computation below needs exact token boundaries."""
 
     bos_id, eos_id, pad_id = None, 0, 0
