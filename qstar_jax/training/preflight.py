@@ -4,6 +4,7 @@ configured shapes on abstract inputs and reports per-device memory, before any w
 from __future__ import annotations
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,7 +13,7 @@ from qstar_jax.training.setup import params_shape_fn
 from qstar_jax.training.step import abstract_state_and_shardings, init_train_state, make_train_step
 
 
-def preflight(model_config, qs, optimizer, mesh, cfg) -> dict[str, float]:
+def preflight(model_config, qs, optimizer, mesh, cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """Per-device memory (GB) of loading and of the train step, from AOT compiles on abstract
     inputs: the loaded params' shards, the state initialisation they feed (params -> params
     + Adam moments), and one train step."""

@@ -137,7 +137,8 @@ def resumed_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ModelCo
     return saved.replace(**{k: cfg.model[k] for k in decided}), model_files.load_model_tokenizer(workdir)
 
 
-def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer, cfg) -> tuple:
+def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer,
+                 cfg: ml_collections.ConfigDict) -> tuple:
     """Adds the thought tokens, grows the vocab, and builds the Quiet-STaR params."""
     init_id = tokenizer.encode(THOUGHT_INIT_TEXT)[0]
     init_D = jnp.asarray(params["embed_tokens"]["embedding"][init_id], jnp.float32)
@@ -174,7 +175,8 @@ def strip_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokeniz
     return model_config, lm, remove_thought_tokens(tokenizer)
 
 
-def prepare_method(cfg, model_config: ModelConfig, params: Params, tokenizer: Tokenizer) -> tuple:
+def prepare_method(cfg: ml_collections.ConfigDict, model_config: ModelConfig, params: Params,
+                   tokenizer: Tokenizer) -> tuple:
     """(model config, QuietStarConfig or None, params, tokenizer) for `cfg.method`.
 
     quiet_star: thought tokens and params are added, or kept when init_from already has
