@@ -1,4 +1,7 @@
-"""`python -m qstar_jax.train`: trains Quiet-STaR, an LM or the NTP stage from a config file (qstar_jax/training/trainer.py)."""
+"""`python -m qstar_jax.train`: trains Quiet-STaR, an LM or the NTP stage from a config file.
+
+The code is in qstar_jax/training/trainer.py; this module only hands over to it.
+"""
 
 from absl import app
 

@@ -254,7 +254,8 @@ def run_mesh(cfg: ml_collections.ConfigDict):
 
 
 def add_hooks(trainer: Trainer, cfg: ml_collections.ConfigDict, workdir: str, run: RunStart, ckpt: RunCheckpoints,
-              log: MetricsLog, eval_batches: list, train_documents: int, selection: curriculum.Selection | None) -> None:
+              log: MetricsLog, eval_batches: list, train_documents: int,
+              selection: curriculum.Selection | None) -> None:
     """Logging, evaluation, checkpointing and profiling, in the order they must run."""
     step_flops, token_passes = flops.train_step_cost(run.model_config, run.qs, cfg.batch_size, cfg.data.seq_len)
     peak, peak_source = flops.peak_flops()  # the NTP student's cost only (not its teacher's forward pass)
