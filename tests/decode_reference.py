@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.inference.decode import REAL_TOKEN_STREAM, mixed_logits
+from qstar_jax.method.gate import think_gate_scores
 from qstar_jax.method.mixing import thought_embeddings
 from qstar_jax.method.sampling import mask_thought_tokens, sample_tokens
 from qstar_jax.models.kv_cache import embed, lm_head
@@ -22,7 +23,9 @@ def _last_hidden(config, lm, x_BxTxD, positions_BxT):
     return h[:, -1]
 
 
-def reference_generate(config, qs, params, prompt_BxT, rng, max_new_tokens, temperature, thinking):
+def reference_generate(config, qs, params, prompt_BxT, rng, max_new_tokens, temperature, thinking, think_gate=None):
+    """With a `think_gate` threshold, a row thinks before a token only where the gate's
+    score of its last hidden state exceeds it (-1 thoughts elsewhere)."""
     lm = params["lm"] if "lm" in params else params
     b, t = prompt_BxT.shape
     seq_BxTxD = embed(config, lm, prompt_BxT)
@@ -49,7 +52,12 @@ def reference_generate(config, qs, params, prompt_BxT, rng, max_new_tokens, temp
                 else:
                     x = jnp.broadcast_to(end_D, (b, 1, config.hidden_size))
             logits = mixed_logits(config, qs, params, h_last, h)
-            thoughts.append(jnp.stack(sampled, 1))
+            thought = jnp.stack(sampled, 1)
+            if think_gate is not None:
+                think_B = think_gate_scores(config, qs, params, h_last) > think_gate
+                logits = jnp.where(think_B[:, None], logits, lm_head(config, lm, h_last))
+                thought = jnp.where(think_B[:, None], thought, -1)
+            thoughts.append(thought)
         else:
             logits = lm_head(config, lm, h_last)
         if qs is not None:

@@ -9,7 +9,8 @@ import pytest
 
 from decode_reference import reference_generate
 from test_quiet_star import CONFIGS, QS, VOCAB, make_params
-from qstar_jax.inference.decode import generate
+from qstar_jax.inference.decode import generate, generate_decoded
+from qstar_jax.method.gate import think_gate_scores
 
 
 @pytest.mark.parametrize("thinking", [True, False])
@@ -51,3 +52,45 @@ def test_thought_tokens_are_never_generated():
         assert not np.isin(np.asarray(tokens), [QS.start_token_id, QS.end_token_id]).any()
         if thinking:
             assert not np.isin(np.asarray(thoughts), [QS.start_token_id, QS.end_token_id]).any()
+
+
+def gated_params(config, seed=0):
+    """A gated model whose gate is random (as after training, it scores positions apart)."""
+    qs = QS.replace(think_gate="linear")
+    params = make_params(config, qs, seed)
+    kernel = params["think_gate"]["out"]["kernel"]
+    params["think_gate"]["out"]["kernel"] = jax.random.normal(jax.random.key(seed + 7), kernel.shape)
+    return qs, params
+
+
+def test_gated_generation_thinks_where_the_gate_says_and_matches_the_reference():
+    """KV-cache exact with a think gate: a row thinks before a token only where the gate's
+    score exceeds the threshold, and tokens and thoughts equal the no-cache reference's."""
+    config = CONFIGS["mistral_window"]
+    qs, params = gated_params(config)
+    prompt = jax.random.randint(jax.random.key(1), (3, 5), 0, VOCAB - 2)
+    valid, rng = jnp.ones(prompt.shape, bool), jax.random.key(11)
+    threshold = float(np.median(think_gate_scores(config, qs, params, jax.random.normal(jax.random.key(5), (64, 32)))))
+    decoded = generate_decoded(config, qs, params, prompt, valid, rng, 6, 1.0, True, threshold)
+    ref_tokens, ref_thoughts = reference_generate(config, qs, params, prompt, rng, 6, 1.0, True, threshold)
+    np.testing.assert_array_equal(decoded.tokens_BxM, ref_tokens)
+    np.testing.assert_array_equal(decoded.thoughts_BxMxS, ref_thoughts)
+    thought = np.asarray(decoded.thought_BxM)
+    assert 0 < thought.mean() < 1, thought  # the test sees both kinds of token
+    np.testing.assert_array_equal(thought, np.asarray(ref_thoughts)[:, :, 0] >= 0)
+
+
+def test_extreme_thresholds_are_always_and_never_thinking():
+    config = CONFIGS["llama"]
+    qs, params = gated_params(config, seed=3)
+    prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, VOCAB - 2)
+    valid, rng = jnp.ones(prompt.shape, bool), jax.random.key(2)
+    always = generate_decoded(config, qs, params, prompt, valid, rng, 5, 1.0, True, float("-inf"))
+    never = generate_decoded(config, qs, params, prompt, valid, rng, 5, 1.0, True, float("inf"))
+    thinking, plain = generate(config, qs, params, prompt, valid, rng, 5, 1.0, True), \
+        generate(config, qs, params, prompt, valid, rng, 5, 1.0, False)
+    np.testing.assert_array_equal(always.tokens_BxM, thinking[0])
+    np.testing.assert_array_equal(always.thoughts_BxMxS, thinking[1])
+    np.testing.assert_array_equal(never.tokens_BxM, plain[0])
+    assert np.asarray(always.thought_BxM).all() and not np.asarray(never.thought_BxM).any()
+    assert (np.asarray(never.thoughts_BxMxS) == -1).all()

@@ -22,7 +22,8 @@ from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     csqa = write_jsonl(root / "csqa.jsonl", [RECORDS["csqa"]] * 2)
-    assert_ok(run_train(root / "run", f"--config.eval_tasks=csqa:{csqa}:2"))
+    # trained with a think gate (tested below); without --think-gate the CLIs think everywhere
+    assert_ok(run_train(root / "run", f"--config.eval_tasks=csqa:{csqa}:2", "--config.quiet_star.think_gate=linear"))
     return root / "run"
 
 
@@ -52,6 +53,30 @@ def test_generate_hides_thoughts_unless_asked(run_dir):
     assert shown.returncode == 0 and shown.stdout.count("\u00ab") == 4, shown.stdout
     base = cli("generate", "--checkpoint", run_dir, "--prompt", "Ava has 3 apples.", "--no-think", "--max-new-tokens", 4)
     assert base.returncode == 0 and "\u00ab" not in base.stdout
+
+
+def test_generate_with_a_think_gate_reports_thoughts_per_token(run_dir):
+    """--think-gate T thinks only where the gate trained alongside predicts a gain above T."""
+    assert all("think_gate_loss" in m for m in metrics(run_dir) if "loss" in m)
+    prompt = ["--checkpoint", run_dir, "--prompt", "Ava has 3 apples.", "--max-new-tokens", 5, "--show-thoughts"]
+    always, never = cli("generate", *prompt, "--think-gate", -1e9), cli("generate", *prompt, "--think-gate", 1e9)
+    assert always.returncode == 0 and never.returncode == 0, always.stderr[-2000:] + never.stderr[-2000:]
+    assert "thoughts per generated token: 1.000 (5 of 5)" in always.stderr and always.stdout.count("\u00ab") == 5
+    assert "thoughts per generated token: 0.000 (0 of 5)" in never.stderr and "\u00ab" not in never.stdout
+    one_line_error(cli("generate", *prompt, "--think-gate", 0, "--no-think"), "--think-gate needs --think")
+
+
+def test_evaluate_with_a_think_gate_reports_thoughts_per_token(run_dir, tmp_path):
+    data = write_jsonl(tmp_path / "csqa.jsonl", [RECORDS["csqa"]] * 2)
+    args = ["--checkpoint", run_dir, "--task", "csqa", "--data", data]
+    results = {}
+    for name, gate in (("every", []), ("never", ["--think-gate", 1e9]), ("always", ["--think-gate", -1e9])):
+        result = cli("evaluate", *args, *gate)
+        assert result.returncode == 0, result.stderr[-2000:]
+        results[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results["every"]["thoughts_per_token"] == 1.0 and "think_gate" not in results["every"]
+    assert results["never"]["thoughts_per_token"] == 0.0 and results["never"]["think_gate"] == 1e9
+    assert results["always"]["soft_score"] == pytest.approx(results["every"]["soft_score"], abs=1e-6)
 
 
 def test_evaluate_cli_and_bad_input(run_dir, tmp_path):

@@ -393,3 +393,65 @@ def test_two_pass_rejects_the_dense_mask_attention():
         QS.replace(rollout_impl="two_pass", attention_impl="dense_mask")
     with pytest.raises(UserError, match="rollout_impl must be 'scan' or 'two_pass', got 'fast'"):
         QS.replace(rollout_impl="fast")
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_the_think_gate_learns_the_gain_and_leaves_every_other_gradient_alone(kind):
+    """The gate regresses the realised gain before the baseline (mean over passes) at each
+    eligible position; its input and target are stop-gradient, so the LM, mixing head and
+    thought embeddings get exactly the gradients they get without a gate."""
+    config = CONFIGS["llama"]
+    qs = QS.replace(think_gate=kind)
+    params = make_params(config, qs)
+    kernel = params["think_gate"]["out"]["kernel"]
+    params["think_gate"]["out"]["kernel"] = jax.random.normal(jax.random.key(9), kernel.shape)
+    tokens, valid = make_batch()
+    rng = jax.random.key(4)
+    grad = jax.jit(jax.grad(lambda p, q: quiet_star_loss(config, q, p, tokens, valid, rng)[0]), static_argnums=1)
+    gated = grad(params, qs)
+    plain = grad({k: v for k, v in params.items() if k != "think_gate"}, QS)
+    for part in ("lm", "mixing_head", "thought"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), gated[part], plain[part])
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gated["think_gate"]["out"]))
+
+    r = jit_rollout(config, qs, params, tokens, valid, rng)
+    c = r.target_valid_CxBxN.shape[0]
+    base_CxBxN = jnp.stack([jnp.concatenate([r.base_logp_BxN[:, i:], jnp.zeros((2, i))], 1) for i in range(c)])
+    gain_BxN = jnp.where(r.target_valid_CxBxN[:, :, None], r.talk_logp_CxBxPxN - base_CxBxN[:, :, None], 0.0
+                         ).sum(0).mean(1)
+    eligible_BxN = r.target_valid_CxBxN.all(0)
+    expected = jnp.sum(jnp.where(eligible_BxN, (r.think_gate_BxN - gain_BxN) ** 2, 0.0)) / eligible_BxN.sum()
+    _, metrics = quiet_star_loss(config, qs, params, tokens, valid, rng)
+    np.testing.assert_allclose(metrics["think_gate_loss"], expected, rtol=1e-5)
+    assert float(metrics["think_gate_loss"]) > 0
+
+
+def test_a_gate_is_added_to_params_without_one_and_dropped_when_off():
+    from qstar_jax.method.gate import with_think_gate
+    from qstar_jax.training.setup import prepare_method
+    from experiments import tiny_cpu
+    from qstar_jax.tokenizer import START_THOUGHT, END_THOUGHT
+
+    config = CONFIGS["llama"]
+    params = make_params(config)  # trained without a gate
+    assert "think_gate" not in params and with_think_gate(config, QS, params, jax.random.key(0)) is params
+    gated = with_think_gate(config, QS.replace(think_gate="mlp"), params, jax.random.key(0))
+    assert set(gated["think_gate"]) == {"hidden", "out"} and not jnp.any(gated["think_gate"]["out"]["kernel"])
+
+    class Ids:  # the two thought ids where a grown tokenizer puts them
+        def token_id(self, token):
+            return {START_THOUGHT: QS.start_token_id, END_THOUGHT: QS.end_token_id}[token]
+
+    cfg = tiny_cpu.get_config()
+    cfg.quiet_star.think_gate = "linear"
+    _, qs, with_gate, _ = prepare_method(cfg, config, params, Ids())
+    assert qs.think_gate == "linear" and "think_gate" in with_gate
+    cfg.quiet_star.think_gate = ""
+    assert "think_gate" not in prepare_method(cfg, config, with_gate, Ids())[2]
+
+
+def test_an_unknown_think_gate_is_one_line():
+    from qstar_jax.errors import UserError
+
+    with pytest.raises(UserError, match="think_gate must be one of '', 'linear', 'mlp', got 'big'"):
+        QS.replace(think_gate="big")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from qstar_jax.errors import UserError
 from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.gate import think_gate_scores
 from qstar_jax.method.mixing import mix_hidden, thought_embeddings
 from qstar_jax.method.sampling import mask_thought_tokens, sample_tokens
 from qstar_jax.models.config import ModelConfig
@@ -72,25 +73,55 @@ def mixed_logits(config: ModelConfig, qs: QuietStarConfig, params: Params, h_bas
 
 class NextToken(NamedTuple):
     logits_BxV: jax.Array
-    thought_BxS: jax.Array
+    thought_BxS: jax.Array  # -1 where a row did not think
+    thought_B: jax.Array  # bool: the row thought before this token
     cache: KVCache  # the input cache again (a thought's slots are written, then forgotten)
 
 
-def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, key, thinking: bool) -> NextToken:
-    """Logits for the next real token: base, or mixed after one thought."""
-    lm = _lm(params)
+def thought_logits_after(config, qs, params, cache: KVCache, h_base_BxD, key) -> NextToken:
+    """Mixed logits after one thought per row. The thought writes into the cache in place;
+    resetting the slot bookkeeping afterwards (rather than thinking on a copy) keeps the
+    cache a single buffer."""
+    h_thought_BxD, thought_BxS, thought_cache = think(config, qs, params, cache, key)
+    cache = forget_after(thought_cache, cache.length, cache.next_position_B)
+    logits_BxV = mixed_logits(config, qs, params, h_base_BxD, h_thought_BxD)
+    return NextToken(logits_BxV, thought_BxS, jnp.ones(h_base_BxD.shape[:1], bool), cache)
+
+
+def gated_logits(config, qs, params, cache: KVCache, h_base_BxD, key, threshold: float) -> NextToken:
+    """Thinks only in the rows whose think gate predicts a gain above `threshold`; when no
+    row does, no thought is computed at all (the saving), else every row's thought is and
+    the others keep their base logits."""
+    think_B = think_gate_scores(config, qs, params, h_base_BxD) > threshold
+    base_BxV = lm_head(config, _lm(params), h_base_BxD)
+
+    def with_thought(cache):
+        nxt = thought_logits_after(config, qs, params, cache, h_base_BxD, key)
+        return (jnp.where(think_B[:, None], nxt.logits_BxV, base_BxV),
+                jnp.where(think_B[:, None], nxt.thought_BxS, -1), nxt.cache)
+
+    def without(cache):
+        return base_BxV, jnp.full((h_base_BxD.shape[0], qs.n_sampled), -1, jnp.int32), cache
+
+    logits_BxV, thought_BxS, cache = jax.lax.cond(jnp.any(think_B), with_thought, without, cache)
+    return NextToken(logits_BxV, thought_BxS, think_B, cache)
+
+
+def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, key, thinking: bool,
+                      think_gate: float | None = None) -> NextToken:
+    """Logits for the next real token: base, mixed after one thought, or (with a
+    `think_gate` threshold) mixed only where the gate says a thought pays."""
+    b = h_base_BxD.shape[0]
     if not thinking:
-        logits_BxV = lm_head(config, lm, h_base_BxD)
-        thought_BxS = jnp.zeros((h_base_BxD.shape[0], 0), jnp.int32)
+        nxt = NextToken(lm_head(config, _lm(params), h_base_BxD), jnp.zeros((b, 0), jnp.int32),
+                        jnp.zeros((b,), bool), cache)
+    elif think_gate is None:
+        nxt = thought_logits_after(config, qs, params, cache, h_base_BxD, key)
     else:
-        # The thought writes into the cache in place; resetting the slot bookkeeping
-        # afterwards (rather than thinking on a copy) keeps the cache a single buffer.
-        h_thought_BxD, thought_BxS, thought_cache = think(config, qs, params, cache, key)
-        cache = forget_after(thought_cache, cache.length, cache.next_position_B)
-        logits_BxV = mixed_logits(config, qs, params, h_base_BxD, h_thought_BxD)
+        nxt = gated_logits(config, qs, params, cache, h_base_BxD, key, think_gate)
     if qs is not None:  # thought tokens are placed, never emitted as text
-        logits_BxV = mask_thought_tokens(logits_BxV, qs)
-    return NextToken(logits_BxV, thought_BxS, cache)
+        nxt = nxt._replace(logits_BxV=mask_thought_tokens(nxt.logits_BxV, qs))
+    return nxt
 
 
 def prefill(config: ModelConfig, lm: Params, prompt_BxT: jax.Array, valid_BxT: jax.Array, extra: int):
@@ -101,7 +132,15 @@ def prefill(config: ModelConfig, lm: Params, prompt_BxT: jax.Array, valid_BxT: j
     return h_BxTxD[:, -1], cache
 
 
-def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperature, thinking, forced_BxM=None):
+class Decoded(NamedTuple):
+    tokens_BxM: jax.Array
+    thoughts_BxMxS: jax.Array  # -1 where no thought was made
+    thought_BxM: jax.Array  # bool: a thought preceded the token
+    logits_BxMxV: jax.Array
+
+
+def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperature, thinking, forced_BxM=None,
+                 think_gate: float | None = None) -> Decoded:
     """The generation loop; with `forced_BxM` the real tokens are given (scoring), not sampled."""
     lm = _lm(params)
     thought_slots = qs.n_ahead if thinking else 0
@@ -111,17 +150,17 @@ def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperat
         index, forced_B = xs
         cache, h_last_BxD = carry
         key = jax.random.fold_in(rng, index)
-        nxt = next_token_logits(config, qs, params, cache, h_last_BxD, key, thinking)
+        nxt = next_token_logits(config, qs, params, cache, h_last_BxD, key, thinking, think_gate)
         if forced_B is None:
             token_B = sample_tokens(nxt.logits_BxV, jax.random.fold_in(key, REAL_TOKEN_STREAM), temperature)
         else:
             token_B = forced_B
         h_Bx1xD, cache = decode_embeddings(config, lm, embed(config, lm, token_B[:, None]), nxt.cache)
-        return (cache, h_Bx1xD[:, 0]), (token_B, nxt.thought_BxS, nxt.logits_BxV)
+        return (cache, h_Bx1xD[:, 0]), (token_B, nxt.thought_BxS, nxt.thought_B, nxt.logits_BxV)
 
     xs = (jnp.arange(steps), None if forced_BxM is None else forced_BxM.T)
-    _, (tokens_MxB, thoughts_MxBxS, logits_MxBxV) = jax.lax.scan(one_token, (cache, h_last_BxD), xs)
-    return tokens_MxB.T, thoughts_MxBxS.transpose(1, 0, 2), logits_MxBxV.transpose(1, 0, 2)
+    _, (tokens_MxB, thoughts_MxBxS, thought_MxB, logits_MxBxV) = jax.lax.scan(one_token, (cache, h_last_BxD), xs)
+    return Decoded(tokens_MxB.T, thoughts_MxBxS.transpose(1, 0, 2), thought_MxB.T, logits_MxBxV.transpose(1, 0, 2))
 
 
 def prompt_room(config: ModelConfig, qs: QuietStarConfig | None, new_tokens: int, thinking: bool) -> int:
@@ -137,8 +176,9 @@ def prompt_room(config: ModelConfig, qs: QuietStarConfig | None, new_tokens: int
     return room
 
 
-@functools.partial(jax.jit, static_argnames=("config", "qs", "max_new_tokens", "temperature", "thinking"))
-def generate(
+@functools.partial(jax.jit, static_argnames=("config", "qs", "max_new_tokens", "temperature", "thinking",
+                                             "think_gate"))
+def generate_decoded(
     config: ModelConfig,
     qs: QuietStarConfig | None,
     params: Params,
@@ -148,15 +188,26 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     thinking: bool,
-) -> tuple[jax.Array, jax.Array]:
-    """Samples `max_new_tokens` after left-padded prompts; returns (tokens_BxM, thoughts_BxMxS)."""
-    tokens, thoughts, _ = _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, max_new_tokens,
-                                       temperature, thinking)
-    return tokens, thoughts
+    think_gate: float | None = None,
+) -> Decoded:
+    """Samples `max_new_tokens` after left-padded prompts. With thinking and a `think_gate`
+    threshold (a model trained with quiet_star.think_gate), thinks only before the tokens
+    whose predicted gain exceeds it; `thought_BxM` says where."""
+    if think_gate is not None and (not thinking or qs is None or not qs.think_gate):
+        raise UserError("a think-gate threshold needs thinking and a model trained with quiet_star.think_gate")
+    return _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, max_new_tokens, temperature, thinking,
+                        think_gate=think_gate)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "qs", "thinking"))
-def continuation_logits(
+def generate(config, qs, params, prompt_BxT, valid_BxT, rng, max_new_tokens: int, temperature: float,
+             thinking: bool) -> tuple[jax.Array, jax.Array]:
+    """(tokens_BxM, thoughts_BxMxS) of `generate_decoded`, thinking before every token or never."""
+    decoded = generate_decoded(config, qs, params, prompt_BxT, valid_BxT, rng, max_new_tokens, temperature, thinking)
+    return decoded.tokens_BxM, decoded.thoughts_BxMxS
+
+
+@functools.partial(jax.jit, static_argnames=("config", "qs", "thinking", "think_gate"))
+def continuation_decoded(
     config: ModelConfig,
     qs: QuietStarConfig | None,
     params: Params,
@@ -165,7 +216,16 @@ def continuation_logits(
     continuation_BxM: jax.Array,
     rng: jax.Array,
     thinking: bool,
-) -> jax.Array:
-    """Next-token logits_BxMxV before each given continuation token (thinking before each)."""
+    think_gate: float | None = None,
+) -> Decoded:
+    """Next-token logits before each given continuation token (thinking before each, or
+    where a `think_gate` threshold says), and where a thought was made."""
     steps = continuation_BxM.shape[1]
-    return _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, 0.0, thinking, continuation_BxM)[2]
+    return _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, 0.0, thinking, continuation_BxM,
+                        think_gate)
+
+
+def continuation_logits(config, qs, params, prompt_BxT, valid_BxT, continuation_BxM, rng, thinking: bool) -> jax.Array:
+    """Next-token logits_BxMxV before each given continuation token (thinking before each)."""
+    return continuation_decoded(config, qs, params, prompt_BxT, valid_BxT, continuation_BxM, rng,
+                                thinking).logits_BxMxV

@@ -20,6 +20,7 @@ its last tokens (`decode.prompt_room`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import json
 import sys
@@ -31,7 +32,7 @@ import numpy as np
 
 from qstar_jax import paths
 from qstar_jax.training.checkpoint import load_for_inference
-from qstar_jax.inference.decode import continuation_logits, generate, prompt_room
+from qstar_jax.inference.decode import continuation_decoded, generate_decoded, prompt_room
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.inference.tasks import TASKS, Example, extract_number, load_examples
 
@@ -41,15 +42,30 @@ COT_ANSWER = "\nTherefore, the answer (arabic numerals) is"
 ANSWER_TOKENS = 8  # greedy tokens read for a number
 
 
+@dataclasses.dataclass
+class ThoughtTally:
+    """How many scored or generated tokens a thought preceded, of how many."""
+
+    thoughts: int = 0
+    tokens: int = 0
+
+    def add(self, thought_BxM) -> None:
+        self.thoughts += int(np.asarray(thought_BxM).sum())
+        self.tokens += int(np.asarray(thought_BxM).size)
+
+
 class Evaluator(NamedTuple):
     """A model ready to score benchmarks: its configs, params and tokenizer, and whether it
-    thinks before each answer token (Quiet-STaR) or predicts plainly."""
+    thinks before each answer token (Quiet-STaR) or predicts plainly; with `think_gate`,
+    only where its think gate predicts a gain above that threshold (counted in `tally`)."""
 
     config: object
     qs: object
     params: object
     tokenizer: object
     thinking: bool
+    think_gate: float | None = None
+    tally: ThoughtTally | None = None
 
 
 def _ids(ev: Evaluator, text: str, new_tokens: int) -> list[int]:
@@ -74,17 +90,21 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[jax.Array, jax.Array]:
 def answer_logits(ev: Evaluator, prompt: str, continuation: list[int], seed: int = 0) -> np.ndarray:
     """Next-token log-probs (MxV) before each continuation token, after `prompt`."""
     tokens, valid = left_pad([_ids(ev, prompt, len(continuation))], ev.tokenizer.pad_id)
-    logits = continuation_logits(ev.config, ev.qs, ev.params, tokens, valid, jnp.asarray([continuation], jnp.int32),
-                                 jax.random.key(seed), ev.thinking)
-    return np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    decoded = continuation_decoded(ev.config, ev.qs, ev.params, tokens, valid, jnp.asarray([continuation], jnp.int32),
+                                   jax.random.key(seed), ev.thinking, ev.think_gate)
+    if ev.tally is not None:
+        ev.tally.add(decoded.thought_BxM)
+    return np.asarray(jax.nn.log_softmax(decoded.logits_BxMxV[0], axis=-1))
 
 
 def generated_text(ev: Evaluator, prompts: list[str], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Continuations of `prompts` (greedy at temperature 0, else sampled), cut at EOS."""
     tokens, valid = left_pad([_ids(ev, p, new_tokens) for p in prompts], ev.tokenizer.pad_id)
-    out, _ = generate(ev.config, ev.qs, ev.params, tokens, valid, jax.random.key(seed), new_tokens, temperature,
-                      ev.thinking)
-    return [ev.tokenizer.decode(ev.tokenizer.until_eos(row)) for row in np.asarray(out).tolist()]
+    decoded = generate_decoded(ev.config, ev.qs, ev.params, tokens, valid, jax.random.key(seed), new_tokens,
+                               temperature, ev.thinking, ev.think_gate)
+    if ev.tally is not None:
+        ev.tally.add(decoded.thought_BxM)
+    return [ev.tokenizer.decode(ev.tokenizer.until_eos(row)) for row in np.asarray(decoded.tokens_BxM).tolist()]
 
 
 def numeric_token_mask(tokenizer, vocab_size: int) -> np.ndarray:
@@ -150,6 +170,10 @@ def evaluate(ev: Evaluator, task: str, examples: list[Example], cot_votes: int =
               "soft_score": float(np.mean(soft)), "accuracy": float(np.mean(correct))}
     if cot_votes:
         result[f"cot_maj@{cot_votes}"] = float(np.mean(cot))
+    if ev.think_gate is not None:
+        result["think_gate"] = ev.think_gate
+    if ev.tally is not None and ev.tally.tokens:
+        result["thoughts_per_token"] = ev.tally.thoughts / ev.tally.tokens
     return result
 
 
@@ -160,6 +184,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="JSONL file in the task's public layout, or tfds:NAME/SPLIT")
     parser.add_argument("--tfds-data-dir", help="where tfds datasets are prepared (with --data tfds:...)")
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--think-gate", type=float, metavar="THRESHOLD",
+                        help="think only where the think gate predicts a gain above THRESHOLD (nats)")
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--cot-votes", type=int, default=0, help="GSM8K chain-of-thought majority vote over K samples")
     parser.add_argument("--cot-tokens", type=int, default=96)
@@ -168,6 +194,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cot_votes and args.task != "gsm8k":
         parser.error("--cot-votes applies to --task gsm8k")
+    if args.think_gate is not None and not args.think:
+        parser.error("--think-gate needs --think")
     return args
 
 
@@ -181,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     config, qs, params, tokenizer = load_for_inference(args.checkpoint)
     if args.think and qs is None:
         raise UserError(f"{args.checkpoint} has no thought parameters (a plain LM); use --no-think")
-    result = evaluate(Evaluator(config, qs, params, tokenizer, args.think), args.task, examples,
-                      args.cot_votes, args.cot_tokens, args.seed)
+    if args.think_gate is not None and not qs.think_gate:
+        raise UserError(f"{args.checkpoint} has no think gate (train with --config.quiet_star.think_gate=linear)")
+    evaluator = Evaluator(config, qs, params, tokenizer, args.think, args.think_gate, ThoughtTally())
+    result = evaluate(evaluator, args.task, examples, args.cot_votes, args.cot_tokens, args.seed)
     print(json.dumps(result))
     if args.output:
         paths.write_text(args.output, json.dumps(result, indent=2))

@@ -1,11 +1,14 @@
 """Text generation, with or without thinking, from a training run or a model directory.
 
     python -m qstar_jax.generate --checkpoint DIR --prompt TEXT [--think/--no-think]
-        [--show-thoughts] [--max-new-tokens N] [--temperature T] [--seed S]
+        [--think-gate THRESHOLD] [--show-thoughts] [--max-new-tokens N] [--temperature T] [--seed S]
 
 With --think the model thinks one thought before every token (KV-cached, so a token
-costs n_ahead decode steps whatever the prompt length). Thoughts never appear in the
-output unless --show-thoughts asks; then each shows as «…» before the token it preceded.
+costs n_ahead decode steps whatever the prompt length). With --think-gate (a model
+trained with quiet_star.think_gate) it thinks only before the tokens whose predicted
+gain exceeds THRESHOLD nats, and reports thoughts per generated token on stderr.
+Thoughts never appear in the output unless --show-thoughts asks; then each shows as «…»
+before the token it preceded.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.training.checkpoint import load_for_inference
-from qstar_jax.inference.decode import generate, prompt_room
+from qstar_jax.inference.decode import generate_decoded, prompt_room
 from qstar_jax.errors import UserError, exit_on_user_error
 
 THOUGHT_OPEN, THOUGHT_CLOSE = "\u00ab", "\u00bb"
@@ -28,6 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="training workdir or model directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--think-gate", type=float, metavar="THRESHOLD",
+                        help="think only where the think gate predicts a gain above THRESHOLD (nats)")
     parser.add_argument("--show-thoughts", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -37,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.think_gate is not None and not args.think:
+        raise UserError("--think-gate needs --think")
     return args
 
 
@@ -45,7 +52,8 @@ def render(tokenizer, tokens: list[int], thoughts: list[list[int]] | None) -> st
         return tokenizer.decode(tokens)
     pieces = []
     for token, thought in zip(tokens, thoughts):
-        pieces.append(f"{THOUGHT_OPEN}{tokenizer.decode(thought)}{THOUGHT_CLOSE}")
+        if thought is not None:  # None: no thought before this token (a think gate said so)
+            pieces.append(f"{THOUGHT_OPEN}{tokenizer.decode(thought)}{THOUGHT_CLOSE}")
         pieces.append(tokenizer.decode([token]))
     return "".join(pieces)
 
@@ -54,6 +62,8 @@ def run(args: argparse.Namespace) -> str:
     config, qs, params, tokenizer = load_for_inference(args.checkpoint)
     if args.think and qs is None:
         raise UserError(f"{args.checkpoint} has no thought parameters (a plain LM); use --no-think")
+    if args.think_gate is not None and not qs.think_gate:
+        raise UserError(f"{args.checkpoint} has no think gate (train with --config.quiet_star.think_gate=linear)")
     prompt = tokenizer.with_bos(tokenizer.encode(args.prompt))
     if not prompt:
         raise UserError("the prompt is empty")
@@ -62,12 +72,17 @@ def run(args: argparse.Namespace) -> str:
         raise UserError(f"the prompt is {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} the model's "
                         f"context of {config.max_position_embeddings} tokens holds {room}")
     prompt_1xT = jnp.asarray([prompt], jnp.int32)
-    tokens_1xM, thoughts_1xMxS = generate(
-        config, qs, params, prompt_1xT, jnp.ones(prompt_1xT.shape, bool), jax.random.key(args.seed),
-        args.max_new_tokens, args.temperature, args.think,
-    )
-    tokens = tokenizer.until_eos(int(t) for t in tokens_1xM[0])
-    thoughts = [[int(t) for t in th] for th in thoughts_1xMxS[0]] if args.think and args.show_thoughts else None
+    decoded = generate_decoded(config, qs, params, prompt_1xT, jnp.ones(prompt_1xT.shape, bool),
+                               jax.random.key(args.seed), args.max_new_tokens, args.temperature, args.think,
+                               args.think_gate)
+    tokens = tokenizer.until_eos(int(t) for t in decoded.tokens_BxM[0])
+    thought_M = [bool(t) for t in decoded.thought_BxM[0][:len(tokens)]]
+    if args.think_gate is not None:
+        share = sum(thought_M) / max(len(thought_M), 1)
+        print(f"thoughts per generated token: {share:.3f} ({sum(thought_M)} of {len(thought_M)})", file=sys.stderr)
+    thoughts = None
+    if args.think and args.show_thoughts:
+        thoughts = [[int(t) for t in th] if made else None for th, made in zip(decoded.thoughts_BxMxS[0], thought_M)]
     return render(tokenizer, tokens, thoughts)
 
 

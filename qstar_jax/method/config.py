@@ -7,6 +7,8 @@ from typing import Any
 
 from qstar_jax.errors import UserError
 
+THINK_GATES = ("", "linear", "mlp")
+
 
 @dataclasses.dataclass(frozen=True)
 class QuietStarConfig:
@@ -42,6 +44,11 @@ class QuietStarConfig:
     # teacher-forced pass over all thought steps at once. "scan": differentiate through the
     # step-by-step scan (the only way `attention_impl="dense_mask"` runs). Same results.
     rollout_impl: str = "scan"
+    # A think gate (not in the papers; docs/method.md): "linear" or "mlp", a head on the base
+    # hidden state at j trained to predict the talk gain a thought at j brings, so that
+    # generation can think only where it pays. "" = no gate (no parameters, no cost).
+    think_gate: str = ""
+    think_gate_loss_weight: float = 1.0
 
     def __post_init__(self):
         if self.n_ahead < 3:
@@ -58,6 +65,10 @@ class QuietStarConfig:
             raise UserError(f"rollout_impl must be 'scan' or 'two_pass', got {self.rollout_impl!r}")
         if self.rollout_impl == "two_pass" and self.attention_impl != "parallel":
             raise UserError("attention_impl='dense_mask' runs only with rollout_impl='scan'")
+        if self.think_gate not in THINK_GATES:
+            raise UserError(f"think_gate must be one of {', '.join(map(repr, THINK_GATES))}, got {self.think_gate!r}")
+        if self.think_gate_loss_weight < 0:
+            raise UserError(f"think_gate_loss_weight must be >= 0, got {self.think_gate_loss_weight}")
         if not 0.0 <= self.base_loss_weight <= 1.0:
             raise UserError(f"base_loss_weight must be in [0, 1], got {self.base_loss_weight}")
 

@@ -25,6 +25,8 @@ class Rollout(NamedTuple):
     # log p_mix(. | x_<=j, thought) over the whole vocabulary at the first talk step; only
     # with rollout(talk_distribution=True) (the NTP stage's KL teacher), else None
     talk_logdist_BxPxNxV: jax.Array | None = None
+    # the think gate's predicted gain at each position (None without a gate)
+    think_gate_BxN: jax.Array | None = None
 
 
 def thought_logits(lm: LM, qs: QuietStarConfig, h_RxD):

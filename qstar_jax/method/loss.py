@@ -22,6 +22,7 @@ class LossTerms(NamedTuple):
     talk_gain: jax.Array  # mean log p_mix - log p_base over real talk targets (0 at init)
     reward_BxPxN: jax.Array  # after the baseline and clipping; 0 where not eligible
     eligible_BxN: jax.Array  # positions whose whole talk horizon is real text
+    think_gate_loss: jax.Array  # squared error of the gate's predicted gain (0 without a gate)
 
 
 def masked_mean(x, mask):
@@ -34,8 +35,9 @@ def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
 
     reward(b, p, j) = sum_c [log p_mix,c(x_{j+1+c}) - log p_base(x_{j+1+c})], minus its
     mean over the n_passes sibling thoughts (no baseline when n_passes = 1), clipped at 0
-    if configured; REINFORCE on the
-    sampled thought tokens' log-probs; NLL of the base and of the talk predictions.
+    if configured; REINFORCE on the sampled thought tokens' log-probs; NLL of the base and
+    of the talk predictions; with a think gate, its squared error against the gain before
+    the baseline (mean over the passes).
     """
     valid_CxBxN = r.target_valid_CxBxN
     n_talk = valid_CxBxN.shape[0]
@@ -51,6 +53,11 @@ def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
     eligible_BxN = jnp.all(valid_CxBxN, axis=0)
     reward_BxPxN = jax.lax.stop_gradient(jnp.where(eligible_BxN[:, None], reward_BxPxN, 0.0))
 
+    think_gate_loss = jnp.zeros((), jnp.float32)
+    if r.think_gate_BxN is not None:  # the gate learns the gain a thought brings at j (its input is stop-gradient)
+        gain_BxN = jax.lax.stop_gradient(raw_reward_BxPxN.mean(axis=1))
+        think_gate_loss = qs.think_gate_loss_weight * masked_mean(jnp.square(r.think_gate_BxN - gain_BxN), eligible_BxN)
+
     if r.sample_logp_SxBxPxN.shape[0]:
         thought_logp_BxPxN = r.sample_logp_SxBxPxN.mean(axis=0)
         policy_loss = qs.policy_loss_weight * masked_mean(-reward_BxPxN * thought_logp_BxPxN, eligible_BxN[:, None])
@@ -60,9 +67,9 @@ def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
     nll_talk = jnp.mean(
         jnp.stack([masked_mean(-r.talk_logp_CxBxPxN[c], valid_CxBxN[c][:, None]) for c in range(n_talk)])
     )
-    loss = qs.base_loss_weight * nll_base + (1 - qs.base_loss_weight) * nll_talk + policy_loss
+    loss = qs.base_loss_weight * nll_base + (1 - qs.base_loss_weight) * nll_talk + policy_loss + think_gate_loss
     talk_gain = masked_mean(gain_CxBxPxN, valid_CxBxN[:, :, None])
-    return LossTerms(loss, nll_base, nll_talk, policy_loss, talk_gain, reward_BxPxN, eligible_BxN)
+    return LossTerms(loss, nll_base, nll_talk, policy_loss, talk_gain, reward_BxPxN, eligible_BxN, think_gate_loss)
 
 
 def quiet_star_loss(
@@ -89,4 +96,6 @@ def quiet_star_loss(
         "mixing_weight": masked_mean(r.mixing_weight_CxBxPxN, r.target_valid_CxBxN[:, :, None]),
         "talk_gain": terms.talk_gain,
     }
+    if qs.think_gate:
+        metrics["think_gate_loss"] = terms.think_gate_loss
     return terms.loss, metrics

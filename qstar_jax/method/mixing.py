@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.gate import with_think_gate
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.models.transformer import Params
 
@@ -47,7 +48,8 @@ def mixing_head_module(config: ModelConfig, qs: QuietStarConfig) -> MixingHead:
 def init_quiet_star_params(
     config: ModelConfig, qs: QuietStarConfig, lm_params: Params, init_embedding_D: jax.Array, rng: jax.Array
 ) -> Params:
-    """Adds the mixing head and the start/end thought embeddings to an LM's params.
+    """Adds the mixing head, the start/end thought embeddings and (if configured) the think
+    gate to an LM's params.
 
     Both thought embeddings start at `init_embedding_D` (the official code uses the
     embedding of "---") and are *stored* divided by `embedding_scale` and used multiplied
@@ -57,7 +59,8 @@ def init_quiet_star_params(
     mixing = mixing_head_module(config, qs).init(rng, jnp.zeros((1, d)), jnp.zeros((1, d)))["params"]
     stored_D = (init_embedding_D / qs.embedding_scale).astype(jnp.dtype(config.param_dtype))
     # Two buffers, not one shared array: a donated train state must not alias itself.
-    return {"lm": lm_params, "mixing_head": mixing, "thought": {"start": stored_D, "end": jnp.copy(stored_D)}}
+    params = {"lm": lm_params, "mixing_head": mixing, "thought": {"start": stored_D, "end": jnp.copy(stored_D)}}
+    return with_think_gate(config, qs, params, jax.random.fold_in(rng, 1))
 
 
 def thought_embeddings(qs: QuietStarConfig, params: Params) -> tuple[jax.Array, jax.Array]:

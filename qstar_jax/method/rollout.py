@@ -12,8 +12,9 @@ from __future__ import annotations
 import chex
 import jax
 
-from qstar_jax.method.base_pass import base_pass, lm_functions
+from qstar_jax.method.base_pass import LM, BasePass, base_pass, lm_functions
 from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.gate import think_gate_scores
 from qstar_jax.method.heads import Rollout
 from qstar_jax.method.sampling import check_thought_ids
 from qstar_jax.method.scan_rollout import sampling_scan, scan_rollout, thought_stepper
@@ -57,6 +58,15 @@ def rollout(
         forced_SxBxT = forced_thoughts_SxBxPxN.reshape(qs.n_sampled, b, qs.n_passes * n)
     lm = lm_functions(config, params["lm"])
     base = base_pass(config, qs, lm, tokens_BxN, segments_BxN)
+    r = think_and_talk(config, qs, params, lm, base, rng, forced_SxBxT, talk_distribution)
+    if qs.think_gate:
+        r = r._replace(think_gate_BxN=think_gate_scores(config, qs, params, base.h_BxNxD))
+    return r
+
+
+def think_and_talk(config: ModelConfig, qs: QuietStarConfig, params: Params, lm: LM, base: BasePass, rng,
+                   forced_SxBxT, talk_distribution: bool) -> Rollout:
+    """Thought steps and talk steps after the base pass, by `qs.rollout_impl`."""
     if qs.rollout_impl == "scan":
         return scan_rollout(config, qs, params, lm, base, rng, forced_SxBxT, talk_distribution)
     if forced_SxBxT is None:

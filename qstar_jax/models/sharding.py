@@ -36,6 +36,9 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"mixing_head/out/kernel$", P("fsdp", None)),
     (r"mixing_head/\w+/bias$", P(None)),
     (r"thought/(start|end)$", P(None)),
+    (r"think_gate/hidden/kernel$", P("fsdp", "tensor")),
+    (r"think_gate/out/kernel$", P("fsdp", None)),
+    (r"think_gate/\w+/bias$", P(None)),
 )
 
 

@@ -18,6 +18,7 @@ from qstar_jax import paths
 from qstar_jax.errors import UserError
 from qstar_jax.method import ntp
 from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.gate import with_think_gate
 from qstar_jax.method.mixing import init_quiet_star_params
 from qstar_jax.models import hf, model_files, sharding
 from qstar_jax.models.config import ModelConfig
@@ -181,8 +182,8 @@ def prepare_method(cfg: ml_collections.ConfigDict, model_config: ModelConfig, pa
 
     quiet_star: thought tokens and params are added, or kept when init_from already has
     them (a curriculum stage continues its predecessor's thoughts and mixing head, whose
-    shapes do not depend on n_ahead), unless `curriculum.reinit_thoughts` starts them over.
-    lm / ntp: a plain LM, thought parts removed.
+    shapes do not depend on n_ahead), unless `curriculum.reinit_thoughts` starts them over;
+    the think gate follows `quiet_star.think_gate`. lm / ntp: a plain LM, thought parts removed.
     """
     check_method(cfg.method)
     has_thoughts = "thought" in params
@@ -192,7 +193,9 @@ def prepare_method(cfg: ml_collections.ConfigDict, model_config: ModelConfig, pa
         qs = quiet_star_config(cfg, tokenizer)
         if cfg.curriculum.reinit_thoughts:
             params = reinit_thoughts(params, tokenizer, qs)
-        return model_config, qs, params, tokenizer
+        # A think gate is added when asked for and missing, and dropped when not asked for.
+        params = {k: v for k, v in params.items() if k != "think_gate" or qs.think_gate}
+        return model_config, qs, with_think_gate(model_config, qs, params, jax.random.key(cfg.seed + 5)), tokenizer
     if has_thoughts:
         model_config, params, tokenizer = strip_thoughts(model_config, params, tokenizer)
     return model_config, None, params, tokenizer
