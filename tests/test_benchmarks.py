@@ -115,3 +115,18 @@ def test_two_pass_counts_the_sampling_scan_instead_of_the_step_remat():
     sampled = qs.n_sampled / qs.n_steps * (fwd["thought_layers"] + fwd["thought_attention"]) \
         + fwd["thought_lm_head"] * qs.n_sampled / (qs.n_sampled + qs.n_ahead_talk)
     assert two_pass["executed_flops_per_step"] - two_pass["model_flops_per_step"] == pytest.approx(sampled)
+
+
+def test_gated_training_counts_only_the_thinking_sites():
+    """flops.step_flops under think_share 0.25: the thought parts a quarter, the base the same."""
+    from qstar_jax.models.config import ModelConfig
+    from qstar_jax.method.config import QuietStarConfig
+    from qstar_jax.training.flops import step_flops
+
+    model = ModelConfig("mistral", 1000, 64, 256, 2, 4, 2, 16)
+    qs = QuietStarConfig(n_ahead=12, n_ahead_talk=4, n_passes=2, start_token_id=998, end_token_id=999)
+    full, gated = (step_flops(model, qs.replace(think_share=share), 4, 256) for share in (1.0, 0.25))
+    for part, value in full["forward_by_part"].items():
+        expected = value if part.startswith("base") else value / 4
+        assert gated["forward_by_part"][part] == pytest.approx(expected), part
+    assert gated["token_passes_per_step"] == 4 * (256 + 2 * 64 * qs.n_steps)

@@ -22,8 +22,10 @@ from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     csqa = write_jsonl(root / "csqa.jsonl", [RECORDS["csqa"]] * 2)
-    # trained with a think gate (tested below); without --think-gate the CLIs think everywhere
-    assert_ok(run_train(root / "run", f"--config.eval_tasks=csqa:{csqa}:2", "--config.quiet_star.think_gate=linear"))
+    # trained with a think gate, thinking at half the positions (gated training); without
+    # --think-gate the CLIs think everywhere
+    assert_ok(run_train(root / "run", f"--config.eval_tasks=csqa:{csqa}:2", "--config.quiet_star.think_gate=linear",
+                        "--config.quiet_star.think_share=0.5"))
     return root / "run"
 
 

@@ -455,3 +455,48 @@ def test_an_unknown_think_gate_is_one_line():
 
     with pytest.raises(UserError, match="think_gate must be one of '', 'linear', 'mlp', got 'big'"):
         QS.replace(think_gate="big")
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_gated_training_is_the_literal_definition_at_the_chosen_sites(impl):
+    """Thinking at K chosen positions only (think_share < 1) gives, at each of them, what
+    thinking everywhere gives there (which equals the literal definition, above), with the
+    selection and the thoughts forced to the same tokens; the objective's reward at a site
+    is the same too."""
+    rollout_impl, attention_impl = IMPLEMENTATIONS[impl]
+    config = CONFIGS["mistral_window"]  # the window makes the masks depend on each site's position
+    qs = QS.replace(rollout_impl=rollout_impl, attention_impl=attention_impl, policy_loss_weight=1.0)
+    params = make_params(config, qs)
+    tokens, valid = make_batch()
+    rng = jax.random.key(7)
+    full = jit_rollout(config, qs, params, tokens, valid, rng)
+    sites_BxK = jnp.asarray([[0, 2, 5, 6], [3, 4, 7, 8]], jnp.int32)
+    at_sites = lambda x_xBxPxN: jnp.take_along_axis(x_xBxPxN, sites_BxK[None, :, None, :], axis=-1)
+    gated_qs = qs.replace(think_share=4 / 9)
+    gated = jax.jit(rollout, static_argnums=(0, 1, 7))(config, gated_qs, params, tokens, valid, rng,
+                                                       at_sites(full.sampled_SxBxPxN), False, sites_BxK)
+    np.testing.assert_array_equal(gated.site_index_BxK, sites_BxK)
+    for field in ("sample_logp_SxBxPxN", "talk_logp_CxBxPxN", "mixing_weight_CxBxPxN"):
+        np.testing.assert_allclose(getattr(gated, field), at_sites(getattr(full, field)), atol=1e-5, err_msg=field)
+    np.testing.assert_allclose(gated.base_logp_BxN, full.base_logp_BxN, atol=1e-6)
+    full_terms, gated_terms = loss_terms(qs, full), loss_terms(gated_qs, gated)
+    np.testing.assert_allclose(gated_terms.reward_BxPxN, at_sites(full_terms.reward_BxPxN[None])[0], atol=1e-5)
+    np.testing.assert_allclose(gated_terms.nll_base, full_terms.nll_base, rtol=1e-6)
+
+
+def test_sites_are_the_gates_top_choices_plus_exploration():
+    from qstar_jax.method.gate import choose_sites
+
+    qs = QS.replace(think_share=0.5, think_explore=0.25)
+    gate_BxN = jnp.asarray([[5.0, 1.0, 9.0, 2.0, 8.0, 0.0, 7.0, 3.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    eligible_BxN = jnp.ones((2, 8), bool).at[1, 6:].set(False)  # row 1's last two cannot be rewarded
+    seen = set()
+    for seed in range(20):
+        sites = np.asarray(choose_sites(qs, gate_BxN, eligible_BxN, jax.random.key(seed)))
+        assert sites.shape == (2, 4) and (np.diff(sites, axis=1) > 0).all()  # K = 4 distinct, ascending
+        assert {2, 4, 6} <= set(sites[0]) and {3, 4, 5} <= set(sites[1])  # the top 3 eligible by the gate
+        assert not {6, 7} & set(sites[1])  # eligible positions come first
+        seen.add(tuple(sites[0]))
+    assert len(seen) > 1  # the fourth is explored at random
+    random_sites = np.asarray(choose_sites(qs, None, eligible_BxN, jax.random.key(0)))  # no gate: all random
+    assert random_sites.shape == (2, 4) and not {6, 7} & set(random_sites[1])

@@ -77,9 +77,9 @@ def assert_ok(result):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One SMALL run of 6 steps on 1 device, shared by the tests that only read it (its own
-    compilation cache, so the test below sees what a run writes there; steps 2-3 profiled)."""
+    compilation cache, so the test below sees what a run writes there)."""
     workdir, cache = tmp_path_factory.mktemp("tiny_run"), tmp_path_factory.mktemp("tiny_run_jax_cache")
-    return workdir, cache, run_train(workdir, f"--config.compilation_cache_dir={cache}", "--config.profile_steps=2")
+    return workdir, cache, run_train(workdir, f"--config.compilation_cache_dir={cache}")
 
 
 def test_tiny_run_leaves_checkpoints_logs_and_model_files(tiny_run):
@@ -92,8 +92,7 @@ def test_tiny_run_leaves_checkpoints_logs_and_model_files(tiny_run):
     assert any("eval/loss" in m for m in metrics(tmp_path))
     assert os.path.isfile(tmp_path / "model_config.json") and os.path.isdir(tmp_path / "tokenizer")
     assert "step 6/6" in result.stdout
-    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
-    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, os.listdir(tmp_path)
+    assert not (tmp_path / "profile").exists()  # profile_steps is 0 by default
     for line in ("loaded model from a random init", "data: 280 training documents", "compiled the train step",
                  "model FLOPs per step"):
         assert line in result.stdout, line
@@ -387,6 +386,12 @@ def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, messag
     with pytest.raises(UserError, match=re.escape(message)):
         trainer.train(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_profile_steps_write_one_trace(tmp_path):
+    assert_ok(run_train(tmp_path, "--config.steps=3", "--config.eval_every=0", "--config.profile_steps=1"))
+    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, os.listdir(tmp_path)
 
 
 def test_profiling_a_bucket_workdir_is_refused_up_front():

@@ -31,7 +31,7 @@ from qstar_jax.method.rollout import rollout
 
 def token_gains(config, qs, params, tokens_1xN: np.ndarray, seed: int):
     """(base_nll_N, gain_N, valid_N, thoughts_NxS) for one sequence; entry j is about x_{j+1}."""
-    qs1 = qs.replace(n_passes=1, n_ahead_talk=1)
+    qs1 = qs.replace(n_passes=1, n_ahead_talk=1, think_share=1.0)  # a thought at every position
     tokens = jnp.asarray(tokens_1xN)
     r = jax.jit(rollout, static_argnums=(0, 1))(config, qs1, params, tokens, jnp.ones(tokens.shape, bool),
                                                   jax.random.key(seed))

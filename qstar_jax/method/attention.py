@@ -26,11 +26,15 @@ from qstar_jax.models.transformer import MASKED_SCORE, AttentionInputs, masked_a
 
 
 class ThoughtExtras(NamedTuple):
-    """Arrays every layer needs to mask a thought step."""
+    """Arrays every layer needs to mask a thought step: the base keys' positions and
+    segments, and the thinking sites' (query) index, position and segment."""
 
     step: jax.Array  # int32 scalar, 1-based thought step being fed
     base_positions_BxN: jax.Array
     base_segments_BxN: jax.Array
+    site_index_BxK: jax.Array
+    site_positions_BxK: jax.Array
+    site_segments_BxK: jax.Array
 
 
 def _to_groups(x_BxTxHxK: jax.Array, p: int, g: int) -> jax.Array:
@@ -39,28 +43,29 @@ def _to_groups(x_BxTxHxK: jax.Array, p: int, g: int) -> jax.Array:
     return x_BxTxHxK.reshape(b, p, t // p, g, h // g, k).transpose(0, 3, 1, 2, 4, 5)
 
 
-def _prefix_mask(segments_BxN: jax.Array) -> jax.Array:
-    """BxNxN (thought position x base key): the base keys a thought at j may see before any
+def _prefix_mask(extras) -> jax.Array:
+    """BxKxN (thinking site x base key): the base keys a thought at j may see before any
     window, index-causal (key <= j) and real tokens of j's segment."""
-    index_N = jnp.arange(segments_BxN.shape[1])
-    return (index_N[None, :, None] >= index_N[None, None, :]) & same_segment(segments_BxN, segments_BxN)
+    key_index_N = jnp.arange(extras.base_segments_BxN.shape[1])
+    causal_BxKxN = extras.site_index_BxK[:, :, None] >= key_index_N[None, None, :]
+    return causal_BxKxN & same_segment(extras.site_segments_BxK, extras.base_segments_BxN)
 
 
-def _thought_masks(extras: ThoughtExtras, n: int, s: int, window: int | None) -> tuple[jax.Array, jax.Array]:
-    """Which base keys (BxNxN, query x key) and which own-cache slots (S) a thought step sees.
+def _thought_masks(extras: ThoughtExtras, s: int, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """Which base keys (BxKxN, site x key) and which own-cache slots (S) a thought step sees.
 
-    Base keys: index-causal (key <= query position j), real tokens of j's segment only,
-    and inside the sliding window of the thought token's own position (base position + step). Cache
-    slots: those of steps 1..step-1 (filled), inside the window.
+    Base keys: index-causal (key <= the site's position j), real tokens of j's segment only,
+    and inside the sliding window of the thought token's own position (site position + step).
+    Cache slots: those of steps 1..step-1 (filled), inside the window.
     """
-    base_mask_BxNxN = _prefix_mask(extras.base_segments_BxN)
+    base_mask_BxKxN = _prefix_mask(extras)
     slot_S = jnp.arange(s)
     cache_mask_S = slot_S < extras.step - 1
     if window is not None:
-        q_pos_BxN = extras.base_positions_BxN + extras.step
-        base_mask_BxNxN &= q_pos_BxN[:, :, None] - extras.base_positions_BxN[:, None, :] < window
+        q_pos_BxK = extras.site_positions_BxK + extras.step
+        base_mask_BxKxN &= q_pos_BxK[:, :, None] - extras.base_positions_BxN[:, None, :] < window
         cache_mask_S &= extras.step - (slot_S + 1) < window
-    return base_mask_BxNxN, cache_mask_S
+    return base_mask_BxKxN, cache_mask_S
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +89,7 @@ class ThoughtAttention:
         q_BxGxPxNxRxK = _to_groups(q_BxTxHxK, p, g) * jnp.asarray(k**-0.5, dtype)
         k_now_BxGxPxNxK = _to_groups(k_BxTxGxK, p, g)[:, :, :, :, 0]
         v_now_BxGxPxNxK = _to_groups(v_BxTxGxK, p, g)[:, :, :, :, 0]
-        base_mask_BxNxN, cache_mask_S = _thought_masks(inputs.extras, n, s, self.sliding_window)
+        base_mask_BxNxN, cache_mask_S = _thought_masks(inputs.extras, s, self.sliding_window)
         f32 = jnp.float32
 
         base_scores = jnp.einsum(
@@ -116,26 +121,27 @@ class DenseThoughtAttention:
     """The official algorithm, for comparison: each (pass, row) attends to *all* thought keys.
 
     Keys are the base sequence plus every position's thought cache and current token
-    (N * (S + 2) keys), hidden by a dense mask that keeps the base prefix and the query's
+    (M + N * (S + 1) keys for N sites over M base keys), hidden by a dense mask that keeps the base prefix and the query's
     own thought. Same result as `ThoughtAttention`, at O(N^2 * S) work and mask memory.
     """
 
     sliding_window: int | None = None
 
     def __call__(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, layer_state, inputs: AttentionInputs):
-        base_k_BxNxGxK, base_v_BxNxGxK, cache_k_BxGxPxNxSxK, cache_v_BxGxPxNxSxK = layer_state
-        b, g, p, n, s, k = cache_k_BxGxPxNxSxK.shape
+        base_k_BxMxGxK, base_v_BxMxGxK, cache_k_BxGxPxNxSxK, cache_v_BxGxPxNxSxK = layer_state
+        b, g, p, n, s, k = cache_k_BxGxPxNxSxK.shape  # N thinking sites, M base keys
+        m = base_k_BxMxGxK.shape[1]
         dtype = q_BxTxHxK.dtype
         k_now_BxGxPxNxK = _to_groups(k_BxTxGxK, p, g)[:, :, :, :, 0]
         v_now_BxGxPxNxK = _to_groups(v_BxTxGxK, p, g)[:, :, :, :, 0]
 
-        def all_keys(base_BxNxGxK, cache_BxGxPxNxSxK, now_BxTxGxK):
-            base = jnp.broadcast_to(base_BxNxGxK[:, None], (b, p, n, g, k))
+        def all_keys(base_BxMxGxK, cache_BxGxPxNxSxK, now_BxTxGxK):
+            base = jnp.broadcast_to(base_BxMxGxK[:, None], (b, p, m, g, k))
             cache = cache_BxGxPxNxSxK.transpose(0, 2, 3, 4, 1, 5).reshape(b, p, n * s, g, k)
             flat = [base, cache, now_BxTxGxK.reshape(b, p, n, g, k)]
-            return jnp.concatenate(flat, axis=2).astype(dtype).reshape(b * p, n * (s + 2), g, k)
+            return jnp.concatenate(flat, axis=2).astype(dtype).reshape(b * p, m + n * (s + 1), g, k)
 
-        base_mask_BxNxN, cache_mask_S = _thought_masks(inputs.extras, n, s, self.sliding_window)
+        base_mask_BxNxN, cache_mask_S = _thought_masks(inputs.extras, s, self.sliding_window)
         same_position_NxN = jnp.eye(n, dtype=bool)
         cache_mask_NxNS = (same_position_NxN[:, :, None] & cache_mask_S[None, None]).reshape(n, n * s)
         mask_BxNxK = jnp.concatenate(
@@ -144,8 +150,8 @@ class DenseThoughtAttention:
         )
         out = masked_attention(
             q_BxTxHxK.reshape(b * p, n, *q_BxTxHxK.shape[2:]),
-            all_keys(base_k_BxNxGxK, cache_k_BxGxPxNxSxK, k_BxTxGxK),
-            all_keys(base_v_BxNxGxK, cache_v_BxGxPxNxSxK, v_BxTxGxK),
+            all_keys(base_k_BxMxGxK, cache_k_BxGxPxNxSxK, k_BxTxGxK),
+            all_keys(base_v_BxMxGxK, cache_v_BxGxPxNxSxK, v_BxTxGxK),
             jnp.repeat(mask_BxNxK, p, axis=0),
         )
         return out.reshape(q_BxTxHxK.shape), (k_now_BxGxPxNxK, v_now_BxGxPxNxK)
@@ -155,10 +161,14 @@ THOUGHT_ATTENTION = {"parallel": ThoughtAttention, "dense_mask": DenseThoughtAtt
 
 
 class BlockExtras(NamedTuple):
-    """Arrays every layer needs to mask the teacher-forced pass over all thought steps."""
+    """Arrays every layer needs to mask the teacher-forced pass over all thought steps (as
+    `ThoughtExtras`, without a step: every step is in the sequence)."""
 
     base_positions_BxN: jax.Array
     base_segments_BxN: jax.Array
+    site_index_BxK: jax.Array
+    site_positions_BxK: jax.Array
+    site_segments_BxK: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +189,7 @@ class ThoughtBlockAttention:
     n_steps: int
 
     def __call__(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, layer_state, inputs: AttentionInputs):
-        base_k_BxMxGxK, base_v_BxMxGxK = layer_state  # M: the N base keys
+        base_k_BxMxGxK, base_v_BxMxGxK = layer_state  # M base keys; N thinking sites
         b, l, h, k = q_BxLxHxK.shape
         g, p, s = k_BxLxGxK.shape[2], self.n_passes, self.n_steps
         n = l // (p * s)
@@ -190,11 +200,11 @@ class ThoughtBlockAttention:
         own_v_BxGxPxNxSxK = v_BxLxGxK.reshape(b, p, n, s, g, k).transpose(0, 4, 1, 2, 3, 5)
 
         extras: BlockExtras = inputs.extras
-        base_mask_BxNx1xM = _prefix_mask(extras.base_segments_BxN)[:, :, None]
+        base_mask_BxNx1xM = _prefix_mask(extras)[:, :, None]
         step_S = jnp.arange(1, s + 1)
         own_mask_SxS = step_S[:, None] >= step_S[None, :]
         if self.sliding_window is not None:
-            q_pos_BxNxS = extras.base_positions_BxN[:, :, None] + step_S[None, None]
+            q_pos_BxNxS = extras.site_positions_BxK[:, :, None] + step_S[None, None]
             base_mask_BxNx1xM = base_mask_BxNx1xM & (
                 q_pos_BxNxS[..., None] - extras.base_positions_BxN[:, None, None, :] < self.sliding_window)
             own_mask_SxS &= step_S[:, None] - step_S[None, :] < self.sliding_window

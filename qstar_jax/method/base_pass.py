@@ -67,6 +67,38 @@ class BasePass(NamedTuple):
     logp_BxN: jax.Array  # log p_base(x_{j+1} | x_<=j)
 
 
+class Sites(NamedTuple):
+    """The K positions per row that think (all N of them unless training is gated) and what
+    a thought there needs from the base pass: its position and segment (for RoPE and the
+    masks), the base hidden states at j + c it is mixed with, and its talk targets."""
+
+    index_BxK: jax.Array  # int32 position j of each site in its row
+    positions_BxK: jax.Array
+    segments_BxK: jax.Array
+    h_base_CxBxKxD: jax.Array  # base hidden state at j + c (0 past the end)
+    targets_CxBxK: jax.Array
+    target_valid_CxBxK: jax.Array
+
+
+def all_sites(base: BasePass) -> Sites:
+    """Every position thinks (the papers' method)."""
+    b, n = base.positions_BxN.shape
+    h_base_CxBxNxD = jnp.stack([shift_left(base.h_BxNxD, c, 0) for c in range(base.targets_CxBxN.shape[0])])
+    index_BxN = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    return Sites(index_BxN, base.positions_BxN, base.segments_BxN, h_base_CxBxNxD, base.targets_CxBxN,
+                 base.target_valid_CxBxN)
+
+
+def chosen_sites(base: BasePass, index_BxK: jax.Array) -> Sites:
+    """Only positions `index_BxK` of each row think (gated training)."""
+    row = lambda x_BxN: jnp.take_along_axis(x_BxN, index_BxK, axis=1)
+    per_step = lambda x_CxBxN: jax.vmap(row)(x_CxBxN)
+    h_base_CxBxKxD = jnp.stack([jnp.take_along_axis(shift_left(base.h_BxNxD, c, 0), index_BxK[:, :, None], axis=1)
+                                for c in range(base.targets_CxBxN.shape[0])])
+    return Sites(index_BxK, row(base.positions_BxN), row(base.segments_BxN.astype(jnp.int32)), h_base_CxBxKxD,
+                 per_step(base.targets_CxBxN), per_step(base.target_valid_CxBxN))
+
+
 class LM(NamedTuple):
     """The LM's variables, and its embedding and LM head as functions of them."""
 

@@ -49,6 +49,11 @@ class QuietStarConfig:
     # generation can think only where it pays. "" = no gate (no parameters, no cost).
     think_gate: str = ""
     think_gate_loss_weight: float = 1.0
+    # Gated training: the share of each row's positions that think (1.0: all, as the papers).
+    # Below 1, the think gate's top-ranked positions think, plus `think_explore` of them
+    # drawn at random (all of them random without a gate, or with think_explore = 1).
+    think_share: float = 1.0
+    think_explore: float = 0.1
 
     def __post_init__(self):
         if self.n_ahead < 3:
@@ -67,6 +72,9 @@ class QuietStarConfig:
             raise UserError("attention_impl='dense_mask' runs only with rollout_impl='scan'")
         if self.think_gate not in THINK_GATES:
             raise UserError(f"think_gate must be one of {', '.join(map(repr, THINK_GATES))}, got {self.think_gate!r}")
+        if not 0.0 < self.think_share <= 1.0 or not 0.0 <= self.think_explore <= 1.0:
+            raise UserError(f"think_share must be in (0, 1] and think_explore in [0, 1], got {self.think_share} "
+                            f"and {self.think_explore}")
         if self.think_gate_loss_weight < 0:
             raise UserError(f"think_gate_loss_weight must be >= 0, got {self.think_gate_loss_weight}")
         if not 0.0 <= self.base_loss_weight <= 1.0:
@@ -81,6 +89,10 @@ class QuietStarConfig:
     def n_steps(self) -> int:
         """Model calls after the base pass: the thought plus the teacher-forced talk inputs."""
         return self.n_ahead - 1 + self.n_ahead_talk - 1
+
+    def n_sites(self, n: int) -> int:
+        """Positions per row of `n` that think: all of them, or `think_share` of them (>= 1)."""
+        return n if self.think_share >= 1.0 else max(1, round(self.think_share * n))
 
     def replace(self, **changes: Any) -> "QuietStarConfig":
         return dataclasses.replace(self, **changes)

@@ -53,3 +53,28 @@ def think_gate_scores(config: ModelConfig, qs: QuietStarConfig, params: Params, 
     reach the gate only."""
     gate = ThinkGate(config.hidden_size, qs.think_gate)
     return gate.apply({"params": params["think_gate"]}, jax.lax.stop_gradient(h_base_xD))
+
+
+SITE_STREAM = 2**31 - 1  # fold_in index of the exploration draw (thought steps use 1, 2, ...)
+
+
+def choose_sites(qs: QuietStarConfig, gate_BxN: jax.Array | None, eligible_BxN: jax.Array,
+                 rng: jax.Array) -> jax.Array:
+    """The K = qs.n_sites(N) positions per row that think under gated training, ascending.
+
+    K - round(think_explore * K) of them are the eligible positions the gate ranks highest;
+    the rest are drawn uniformly from the others, so that the gate keeps seeing the gain of
+    positions it ranks low (all K are drawn when there is no gate). Positions whose talk
+    horizon runs off the text come last.
+    """
+    b, n = eligible_BxN.shape
+    k = qs.n_sites(n)
+    n_explore = k if gate_BxN is None else round(qs.think_explore * k)
+    noise_BxN = jax.random.uniform(rng, (b, n))
+    # Rank: eligible first; among them, the gate's top (k - n_explore) first, then noise.
+    score_BxN = jnp.zeros((b, n)) if gate_BxN is None else jax.lax.stop_gradient(gate_BxN)
+    by_gate_BxK = jax.lax.top_k(jnp.where(eligible_BxN, score_BxN, -jnp.inf), k - n_explore)[1]
+    taken_BxN = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], by_gate_BxK].set(True)
+    explore_BxN = jnp.where(taken_BxN, -2.0, noise_BxN + eligible_BxN.astype(jnp.float32))
+    by_noise_BxK = jax.lax.top_k(explore_BxN, n_explore)[1]
+    return jnp.sort(jnp.concatenate([by_gate_BxK, by_noise_BxK], axis=1), axis=1).astype(jnp.int32)

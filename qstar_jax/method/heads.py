@@ -27,6 +27,9 @@ class Rollout(NamedTuple):
     talk_logdist_BxPxNxV: jax.Array | None = None
     # the think gate's predicted gain at each position (None without a gate)
     think_gate_BxN: jax.Array | None = None
+    # gated training: the K positions per row that thought; the per-thought fields above are
+    # then BxPxK (site k is position site_index_BxK[b, k]). None: every position thought.
+    site_index_BxK: jax.Array | None = None
 
 
 def thought_logits(lm: LM, qs: QuietStarConfig, h_RxD):
@@ -49,9 +52,10 @@ def make_talk_rows(lm: LM, talk_distribution: bool):
     return talk_rows
 
 
-def rollout_of(qs: QuietStarConfig, base: BasePass, sampled_SxBxT, sample_logp_SxBxT, talk_logp_CxBxT, w_CxBxT,
-                talk_logdist_BxTxV=None) -> Rollout:
-    b, n = base.positions_BxN.shape
+def rollout_of(qs: QuietStarConfig, base: BasePass, n: int, sampled_SxBxT, sample_logp_SxBxT, talk_logp_CxBxT,
+               w_CxBxT, talk_logdist_BxTxV=None) -> Rollout:
+    """The Rollout of T = P x n thoughts per row (n sites: every position, or the chosen ones)."""
+    b = base.positions_BxN.shape[0]
     p = qs.n_passes
     per_pass = lambda x_xBxT: x_xBxT.reshape(x_xBxT.shape[:2] + (p, n))
     return Rollout(

@@ -64,8 +64,9 @@ class NTPConfig:
 
 
 def teacher_config(qs: QuietStarConfig, ntp: NTPConfig) -> QuietStarConfig:
-    """The teacher predicts as at inference: one talk step (the next token) per thought."""
-    return qs.replace(n_ahead_talk=1, n_passes=ntp.teacher_passes)
+    """The teacher predicts as at inference: one talk step (the next token) per thought, a
+    thought at every position (whatever share thought when it was trained)."""
+    return qs.replace(n_ahead_talk=1, n_passes=ntp.teacher_passes, think_share=1.0)
 
 
 def teacher_nll(config: ModelConfig, qs: QuietStarConfig, params: Params, tokens_BxN: jax.Array,

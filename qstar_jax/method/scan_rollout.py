@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.method.attention import THOUGHT_ATTENTION, ThoughtExtras
-from qstar_jax.method.base_pass import LM, BasePass, rows_in_chunks, shift_left
+from qstar_jax.method.base_pass import LM, BasePass, Sites, rows_in_chunks
 from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.method.heads import Rollout, make_talk_rows, reinforce_logp, rollout_of, thought_logits
 from qstar_jax.method.mixing import fed_thought_embeddings, mix_hidden
@@ -16,14 +16,16 @@ from qstar_jax.models.config import ModelConfig
 from qstar_jax.models.transformer import AttentionInputs, Transformer
 
 
-def thought_stepper(config: ModelConfig, qs: QuietStarConfig, lm: LM, base: BasePass):
-    """think(x_BxTxD, step, cache) -> (h_BxTxD, cache): feeds one token per (pass,
-    position) at thought step `step` and writes its keys/values into the cache."""
+def thought_stepper(config: ModelConfig, qs: QuietStarConfig, lm: LM, base: BasePass, sites: Sites):
+    """think(x_BxTxD, step, cache) -> (h_BxTxD, cache): feeds one token per (pass, site)
+    at thought step `step` and writes its keys/values into the cache."""
     thought_model = Transformer(config, THOUGHT_ATTENTION[qs.attention_impl](config.sliding_window))
-    positions_BxT = jnp.tile(base.positions_BxN, (1, qs.n_passes))
+    positions_BxT = jnp.tile(sites.positions_BxK, (1, qs.n_passes))
 
     def think(x_BxTxD, step, cache):
-        inputs = AttentionInputs(positions_BxT + step, ThoughtExtras(step, base.positions_BxN, base.segments_BxN))
+        extras = ThoughtExtras(step, base.positions_BxN, base.segments_BxN, sites.index_BxK, sites.positions_BxK,
+                               sites.segments_BxK)
+        inputs = AttentionInputs(positions_BxT + step, extras)
         h_BxTxD, (k_LxBxGxPxNxK, v_LxBxGxPxNxK) = thought_model.apply(
             lm.variables, x_BxTxD, inputs, base.kv + cache, method=Transformer.transform
         )
@@ -37,10 +39,11 @@ def thought_stepper(config: ModelConfig, qs: QuietStarConfig, lm: LM, base: Base
     return think
 
 
-def sampling_scan(config, qs: QuietStarConfig, params, lm: LM, base: BasePass, think, rng, forced_SxBxT):
+def sampling_scan(config, qs: QuietStarConfig, params, lm: LM, base: BasePass, sites: Sites, think, rng,
+                  forced_SxBxT):
     """Thought steps 1..n_ahead-3: feed start / the previous token, sample the next one.
     Returns (sampled_SxBxT, sample_logp_SxBxT, the last token's embedding, the cache)."""
-    b, n = base.positions_BxN.shape
+    b, n = sites.index_BxK.shape
     t = qs.n_passes * n
     maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
 
@@ -69,14 +72,14 @@ def sampling_scan(config, qs: QuietStarConfig, params, lm: LM, base: BasePass, t
     return sampled_SxBxT, sample_logp_SxBxT, x_BxTxD, cache
 
 
-def scan_rollout(config, qs: QuietStarConfig, params, lm: LM, base: BasePass, rng, forced_SxBxT,
-                  talk_distribution: bool) -> Rollout:
-    b, n = base.positions_BxN.shape
+def scan_rollout(config, qs: QuietStarConfig, params, lm: LM, base: BasePass, sites: Sites, rng, forced_SxBxT,
+                 talk_distribution: bool) -> Rollout:
+    b, n = sites.index_BxK.shape
     p, c_talk = qs.n_passes, qs.n_ahead_talk
     maybe_remat = jax.checkpoint if qs.remat_steps else (lambda f: f)
-    think = thought_stepper(config, qs, lm, base)
+    think = thought_stepper(config, qs, lm, base, sites)
     sampled_SxBxT, sample_logp_SxBxT, x_BxTxD, cache = sampling_scan(
-        config, qs, params, lm, base, think, rng, forced_SxBxT)
+        config, qs, params, lm, base, sites, think, rng, forced_SxBxT)
     # Step n_ahead-2 feeds the last sampled token (or the start token if none are sampled);
     # its output predicts nothing, so it skips the LM head.
     _, cache = maybe_remat(think)(x_BxTxD, jnp.int32(qs.n_ahead - 2), cache)
@@ -85,9 +88,9 @@ def scan_rollout(config, qs: QuietStarConfig, params, lm: LM, base: BasePass, rn
     _, end_D = fed_thought_embeddings(config, qs, params)
     tile = lambda x_BxNxD: jnp.tile(x_BxNxD, (1, p, 1))
     talk_inputs_CxBxTxD = jnp.stack([jnp.broadcast_to(end_D, (b, p * n, config.hidden_size))]
-                                    + [tile(lm.embed(base.targets_CxBxN[c])) for c in range(c_talk - 1)])
-    h_base_CxBxTxD = jnp.stack([tile(shift_left(base.h_BxNxD, c, 0)) for c in range(c_talk)])
-    targets_CxBxT = jnp.tile(base.targets_CxBxN, (1, 1, p))
+                                    + [tile(lm.embed(sites.targets_CxBxK[c])) for c in range(c_talk - 1)])
+    h_base_CxBxTxD = jnp.stack([tile(sites.h_base_CxBxKxD[c]) for c in range(c_talk)])
+    targets_CxBxT = jnp.tile(sites.targets_CxBxK, (1, 1, p))
     talk_rows = make_talk_rows(lm, talk_distribution)
 
     @maybe_remat
@@ -102,5 +105,5 @@ def scan_rollout(config, qs: QuietStarConfig, params, lm: LM, base: BasePass, rn
         talk_step, cache, (talk_steps_C, talk_inputs_CxBxTxD, h_base_CxBxTxD, targets_CxBxT))
     if talk_distribution:
         talk_logp_CxBxT, logdist_CxBxTxV = talk_out_C
-        return rollout_of(qs, base, sampled_SxBxT, sample_logp_SxBxT, talk_logp_CxBxT, w_CxBxT, logdist_CxBxTxV[0])
-    return rollout_of(qs, base, sampled_SxBxT, sample_logp_SxBxT, talk_out_C, w_CxBxT)
+        return rollout_of(qs, base, n, sampled_SxBxT, sample_logp_SxBxT, talk_logp_CxBxT, w_CxBxT, logdist_CxBxTxV[0])
+    return rollout_of(qs, base, n, sampled_SxBxT, sample_logp_SxBxT, talk_out_C, w_CxBxT)

@@ -50,7 +50,7 @@ def layer_matmul_params(m: ModelConfig) -> int:
 def forward_flops(m: ModelConfig, qs: QuietStarConfig, batch: int, seq: int) -> dict[str, int]:
     """Forward FLOPs of one Quiet-STaR loss evaluation, by part (2 FLOPs per multiply-add)."""
     b, n, p, s = batch, seq, qs.n_passes, qs.n_steps
-    t = p * n  # thought queries per row
+    t = p * qs.n_sites(n)  # thought queries per row (fewer under gated training)
     layers, heads, k = m.num_layers, m.num_heads, m.head_dim
     lm_head = 2 * m.hidden_size * m.vocab_size
     d = m.hidden_size
@@ -87,7 +87,7 @@ def step_flops(m: ModelConfig, qs: QuietStarConfig, batch: int, seq: int) -> dic
         recompute += fwd["base_lm_head"]
     if chunked and batch * qs.n_passes * seq > qs.logits_chunk_rows:
         recompute += fwd["thought_lm_head"]
-    tokens_through_layers = batch * seq * (1 + qs.n_passes * qs.n_steps)
+    tokens_through_layers = batch * (seq + qs.n_passes * qs.n_sites(seq) * qs.n_steps)
     return {
         "forward_by_part": fwd,
         "forward": forward,

@@ -194,7 +194,8 @@ def prepare_method(cfg: ml_collections.ConfigDict, model_config: ModelConfig, pa
         if cfg.curriculum.reinit_thoughts:
             params = reinit_thoughts(params, tokenizer, qs)
         # A think gate is added when asked for and missing, and dropped when not asked for.
-        params = {k: v for k, v in params.items() if k != "think_gate" or qs.think_gate}
+        if "think_gate" in params and not qs.think_gate:
+            params = {k: v for k, v in params.items() if k != "think_gate"}
         return model_config, qs, with_think_gate(model_config, qs, params, jax.random.key(cfg.seed + 5)), tokenizer
     if has_thoughts:
         model_config, params, tokenizer = strip_thoughts(model_config, params, tokenizer)
