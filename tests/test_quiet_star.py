@@ -482,6 +482,15 @@ def test_gated_training_is_the_literal_definition_at_the_chosen_sites(impl):
     full_terms, gated_terms = loss_terms(qs, full), loss_terms(gated_qs, gated)
     np.testing.assert_allclose(gated_terms.reward_BxPxN, at_sites(full_terms.reward_BxPxN[None])[0], atol=1e-5)
     np.testing.assert_allclose(gated_terms.nll_base, full_terms.nll_base, rtol=1e-6)
+    # nll_next covers every position: the post-thought prediction at a site, the base one elsewhere
+    from qstar_jax.method.loss import next_token_nll_BxN
+
+    nll_BxN = np.asarray(next_token_nll_BxN(gated))
+    at_site_BxK = np.take_along_axis(nll_BxN, np.asarray(sites_BxK), axis=1)
+    np.testing.assert_allclose(at_site_BxK, -at_sites(full.talk_logp_CxBxPxN)[0].mean(axis=1), atol=1e-5)
+    elsewhere_BxN = np.ones(nll_BxN.shape, bool)
+    np.put_along_axis(elsewhere_BxN, np.asarray(sites_BxK), False, axis=1)
+    np.testing.assert_allclose(nll_BxN[elsewhere_BxN], -np.asarray(full.base_logp_BxN)[elsewhere_BxN], atol=1e-6)
 
 
 def test_sites_are_the_gates_top_choices_plus_exploration():
@@ -500,3 +509,18 @@ def test_sites_are_the_gates_top_choices_plus_exploration():
     assert len(seen) > 1  # the fourth is explored at random
     random_sites = np.asarray(choose_sites(qs, None, eligible_BxN, jax.random.key(0)))  # no gate: all random
     assert random_sites.shape == (2, 4) and not {6, 7} & set(random_sites[1])
+
+
+def test_the_think_gate_is_clipped_on_its_own():
+    """make_optimizer clips the gate's gradient by its own global norm: a huge gate gradient
+    leaves the other parameters' update exactly as without a gate."""
+    from qstar_jax.training.step import OptimizerConfig, make_optimizer
+
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0, grad_clip_norm=1.0))
+    params = {"lm": {"w": jnp.ones((3,))}, "think_gate": {"out": {"kernel": jnp.ones((3, 1))}}}
+    grads = {"lm": {"w": jnp.asarray([0.3, -0.2, 0.1])}, "think_gate": {"out": {"kernel": jnp.full((3, 1), 1e4)}}}
+    plain = {"lm": params["lm"]}
+    with_gate, _ = optimizer.update(grads, optimizer.init(params), params)
+    without, _ = optimizer.update({"lm": grads["lm"]}, optimizer.init(plain), plain)
+    np.testing.assert_array_equal(with_gate["lm"]["w"], without["lm"]["w"])
+    assert bool(jnp.all(jnp.isfinite(with_gate["think_gate"]["out"]["kernel"])))

@@ -115,6 +115,20 @@ def test_sharded_run_matches_single_device(tmp_path, tiny_run):
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
+def test_gated_training_on_8_devices_matches_one(tmp_path):
+    """A think gate and gated training (half the positions think, chosen by the gate plus
+    exploration) shard like the rest: the same losses on 1 device and on data=2 x fsdp=4."""
+    gated = ["--config.steps=2", "--config.eval_every=0", "--config.quiet_star.think_gate=mlp",
+             "--config.quiet_star.think_share=0.5"]
+    assert_ok(run_train(tmp_path / "one", *gated))
+    assert_ok(run_train(tmp_path / "eight", *gated, "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8))
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+    assert all("think_gate_loss" in m for m in metrics(tmp_path / "eight") if "loss" in m)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -440,6 +454,25 @@ def test_checkpoint_of_another_architecture(tmp_path, tiny_run):
     _one_line_error(run_train(tmp_path, "--config.model.intermediate_size=128"),
                     "is for another model", "intermediate_size")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_a_resume_that_adds_a_think_gate_is_refused_and_older_settings_resume(tmp_path, tiny_run):
+    """A gate changes the parameter tree, so even an allowed settings change cannot add one
+    (every step would fail to read); quiet_star options added since a checkpoint was saved
+    count as their defaults."""
+    from qstar_jax.training.checkpoint import changed_settings, with_new_defaults
+    from qstar_jax.training.setup import result_settings
+    from experiments import tiny_cpu
+
+    assert_ok(tiny_run[2])
+    shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    _one_line_error(run_train(tmp_path, "--config.quiet_star.think_gate=linear", "--config.allow_config_change=True"),
+                    "was trained with think_gate '', this run has 'linear'")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    current = result_settings(tiny_cpu.get_config())
+    older = {**current, "quiet_star": {k: v for k, v in current["quiet_star"].items() if not k.startswith("think_")}}
+    assert changed_settings(older, current) and not changed_settings(with_new_defaults(older, current), current)
 
 
 def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, tiny_run):

@@ -102,9 +102,11 @@ def generated_text(ev: Evaluator, prompts: list[str], new_tokens: int, temperatu
     tokens, valid = left_pad([_ids(ev, p, new_tokens) for p in prompts], ev.tokenizer.pad_id)
     decoded = generate_decoded(ev.config, ev.qs, ev.params, tokens, valid, jax.random.key(seed), new_tokens,
                                temperature, ev.thinking, ev.think_gate)
-    if ev.tally is not None:
-        ev.tally.add(decoded.thought_BxM)
-    return [ev.tokenizer.decode(ev.tokenizer.until_eos(row)) for row in np.asarray(decoded.tokens_BxM).tolist()]
+    rows = [ev.tokenizer.until_eos(row) for row in np.asarray(decoded.tokens_BxM).tolist()]
+    if ev.tally is not None:  # the tokens kept (up to EOS), as generate counts them
+        for row, thought_M in zip(rows, np.asarray(decoded.thought_BxM)):
+            ev.tally.add(thought_M[:len(row)])
+    return [ev.tokenizer.decode(row) for row in rows]
 
 
 def numeric_token_mask(tokenizer, vocab_size: int) -> np.ndarray:
@@ -185,7 +187,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tfds-data-dir", help="where tfds datasets are prepared (with --data tfds:...)")
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--think-gate", type=float, metavar="THRESHOLD",
-                        help="think only where the think gate predicts a gain above THRESHOLD (nats)")
+                        help="think only where the think gate predicts a gain above THRESHOLD (nats of "
+                             "log-likelihood over the n_ahead_talk tokens it was trained on)")
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--cot-votes", type=int, default=0, help="GSM8K chain-of-thought majority vote over K samples")
     parser.add_argument("--cot-tokens", type=int, default=96)

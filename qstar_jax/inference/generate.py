@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--think-gate", type=float, metavar="THRESHOLD",
-                        help="think only where the think gate predicts a gain above THRESHOLD (nats)")
+                        help="think only where the think gate predicts a gain above THRESHOLD (nats of "
+                             "log-likelihood over the n_ahead_talk tokens it was trained on)")
     parser.add_argument("--show-thoughts", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

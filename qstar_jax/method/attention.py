@@ -120,9 +120,9 @@ class ThoughtAttention:
 class DenseThoughtAttention:
     """The official algorithm, for comparison: each (pass, row) attends to *all* thought keys.
 
-    Keys are the base sequence plus every position's thought cache and current token
-    (M + N * (S + 1) keys for N sites over M base keys), hidden by a dense mask that keeps the base prefix and the query's
-    own thought. Same result as `ThoughtAttention`, at O(N^2 * S) work and mask memory.
+    Keys are the base sequence plus every site's thought cache and current token (M + N * (S + 1)
+    keys for N sites over M base keys), hidden by a dense mask that keeps the base prefix and
+    the query's own thought. Same result as `ThoughtAttention`, at O(N^2 * S) work and mask memory.
     """
 
     sliding_window: int | None = None

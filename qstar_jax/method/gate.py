@@ -70,9 +70,12 @@ def choose_sites(qs: QuietStarConfig, gate_BxN: jax.Array | None, eligible_BxN: 
     b, n = eligible_BxN.shape
     k = qs.n_sites(n)
     n_explore = k if gate_BxN is None else round(qs.think_explore * k)
-    noise_BxN = jax.random.uniform(rng, (b, n))
-    # Rank: eligible first; among them, the gate's top (k - n_explore) first, then noise.
+    tie_rng, explore_rng = jax.random.split(rng)
+    noise_BxN = jax.random.uniform(explore_rng, (b, n))
+    # Rank: eligible first; among them, the gate's top (k - n_explore) first (ties, as at the
+    # zero-initialised start, broken at random rather than by position), then noise.
     score_BxN = jnp.zeros((b, n)) if gate_BxN is None else jax.lax.stop_gradient(gate_BxN)
+    score_BxN = score_BxN + 1e-6 * jax.random.uniform(tie_rng, (b, n))
     by_gate_BxK = jax.lax.top_k(jnp.where(eligible_BxN, score_BxN, -jnp.inf), k - n_explore)[1]
     taken_BxN = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], by_gate_BxK].set(True)
     explore_BxN = jnp.where(taken_BxN, -2.0, noise_BxN + eligible_BxN.astype(jnp.float32))

@@ -42,6 +42,17 @@ def at_thinking_sites(r: Rollout) -> tuple[jax.Array, jax.Array, jax.Array | Non
     return jax.vmap(at)(r.target_valid_CxBxN), jax.vmap(at)(base_logp_CxBxN), gate_BxK
 
 
+def next_token_nll_BxN(r: Rollout) -> jax.Array:
+    """-log p(x_{j+1}) at every position as inference predicts it: after one thought (the
+    first talk step, mean over passes) where a thought was made, the base prediction where
+    gated training made none; so the mean is over the same tokens with or without gating."""
+    thought_BxK = -r.talk_logp_CxBxPxN[0].mean(axis=1)
+    if r.site_index_BxK is None:
+        return thought_BxK
+    rows_Bx1 = jnp.arange(thought_BxK.shape[0])[:, None]
+    return (-r.base_logp_BxN).at[rows_Bx1, r.site_index_BxK].set(thought_BxK)
+
+
 def loss_terms(qs: QuietStarConfig, r: Rollout) -> LossTerms:
     """The Quiet-STaR objective from per-position quantities.
 
@@ -95,17 +106,17 @@ def quiet_star_loss(
     r = rollout(config, qs, params, tokens_BxN, segments_BxN, rng)
     terms = loss_terms(qs, r)
     eligible = terms.eligible_BxN[:, None]
-    valid_CxBxK = at_thinking_sites(r)[0]
+
     metrics = {
         "loss": terms.loss,
         "nll_base": terms.nll_base,
         "nll_talk": terms.nll_talk,
         # What inference predicts (one thought, then the first talk step): comparable across
         # n_ahead_talk and with a plain LM's nll_next, so curriculum stages can be ranked by it.
-        "nll_next": masked_mean(-r.talk_logp_CxBxPxN[0], valid_CxBxK[0][:, None]),
+        "nll_next": masked_mean(next_token_nll_BxN(r), r.target_valid_CxBxN[0]),
         "policy_loss": terms.policy_loss,
         "reward": masked_mean(terms.reward_BxPxN, eligible),
-        "mixing_weight": masked_mean(r.mixing_weight_CxBxPxN, valid_CxBxK[:, :, None]),
+        "mixing_weight": masked_mean(r.mixing_weight_CxBxPxN, at_thinking_sites(r)[0][:, :, None]),
         "talk_gain": terms.talk_gain,
     }
     if qs.think_gate:

@@ -58,7 +58,8 @@ def rollout(
     base = base_pass(config, qs, lm, tokens_BxN, segments_BxN)
     gate_BxN = think_gate_scores(config, qs, params, base.h_BxNxD) if qs.think_gate else None
     if sites_BxK is None and qs.think_share < 1.0:
-        sites_BxK = choose_sites(qs, gate_BxN, base.target_valid_CxBxN.all(axis=0), jax.random.fold_in(rng, SITE_STREAM))
+        eligible_BxN = base.target_valid_CxBxN.all(axis=0)
+        sites_BxK = choose_sites(qs, gate_BxN, eligible_BxN, jax.random.fold_in(rng, SITE_STREAM))
     sites = all_sites(base) if sites_BxK is None else chosen_sites(base, sites_BxK)
     b, k = sites.index_BxK.shape
     forced_SxBxT = None

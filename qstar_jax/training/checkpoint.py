@@ -13,6 +13,7 @@ target shardings, so the same files serve a laptop and a pod.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from typing import Any, Iterator
 
@@ -328,6 +329,20 @@ def restore_newest_readable(ckpt: RunCheckpoints, step: int, abstract_state, sha
 class RunCheckpoints(TrainCheckpoints):
     """Training checkpoints that carry and check the run's model / method configs."""
 
+    def _check_same_parameters(self, step: int, saved: dict[str, Any], meta: dict[str, Any]) -> None:
+        """The architecture and the think gate decide the parameter tree: a resume that
+        changes either is refused in one line (Orbax would fail to read every step)."""
+        if saved["model_config"] != meta["model_config"]:
+            differing = sorted(k for k in meta["model_config"]
+                               if saved["model_config"].get(k) != meta["model_config"][k])
+            raise UserError(f"checkpoint at step {step} in {self.directory} is for another model "
+                            f"(differs in: {', '.join(differing)}); use a new --workdir")
+        gate = lambda m: (m.get("quiet_star") or {}).get("think_gate", "")
+        if gate(saved) != gate(meta):
+            raise UserError(f"checkpoint at step {step} in {self.directory} was trained with think_gate "
+                            f"{gate(saved)!r}, this run has {gate(meta)!r}: the gate changes the parameters; use a "
+                            "new --workdir (init_from the run adds or drops the gate)")
+
     def save(self, step: int, state: TrainState, meta: dict[str, Any],  # type: ignore[override]
              metric: float | None = None, train_documents: int = 0) -> None:
         # The data position: rows are a pure function of (seed, step, row) over this many
@@ -337,12 +352,9 @@ class RunCheckpoints(TrainCheckpoints):
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,  # type: ignore[override]
                 meta: dict[str, Any], train_documents: int = 0, allow_changes: bool = False) -> TrainState:
         saved = self.restore_meta(step)
-        if saved["model_config"] != meta["model_config"]:
-            differing = sorted(k for k in meta["model_config"]
-                               if saved["model_config"].get(k) != meta["model_config"][k])
-            raise UserError(f"checkpoint at step {step} in {self.directory} is for another model "
-                            f"(differs in: {', '.join(differing)}); use a new --workdir")
-        changes = changed_settings(saved.get("settings", meta["settings"]), meta["settings"])
+        self._check_same_parameters(step, saved, meta)
+        changes = changed_settings(with_new_defaults(saved.get("settings", meta["settings"]), meta["settings"]),
+                                   meta["settings"])
         if changes and not allow_changes:
             raise UserError(f"checkpoint at step {step} in {self.directory} was trained with other settings "
                             f"({'; '.join(changes)}); rerun with them, use a new --workdir, or pass "
@@ -360,6 +372,18 @@ class RunCheckpoints(TrainCheckpoints):
             status(f"warning: the checkpoint was trained on {saved_documents} documents, the data now has "
                    f"{train_documents}: rows from step {step} on differ from an uninterrupted run")
         return TrainState.from_dict(state)
+
+
+def with_new_defaults(saved_settings: dict[str, Any], current_settings: dict[str, Any]) -> dict[str, Any]:
+    """Saved run settings with the quiet_star options added since they were saved (present in
+    `current_settings`, absent from the checkpoint) at their defaults, which keep the old
+    behaviour: an older checkpoint resumes unchanged."""
+    saved_qs, current_qs = saved_settings.get("quiet_star"), current_settings.get("quiet_star")
+    if not isinstance(saved_qs, dict) or not isinstance(current_qs, dict):
+        return saved_settings
+    defaults = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)
+                if f.name in current_qs and f.name not in saved_qs}
+    return {**saved_settings, "quiet_star": {**defaults, **saved_qs}}
 
 
 def changed_settings(saved: Any, current: Any, name: str = "") -> list[str]:

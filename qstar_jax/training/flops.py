@@ -2,11 +2,12 @@
 are measured against (MFU in the training log; benchmarks/step_flops.py prints the count).
 
 What one step computes (method/rollout.py): a base pass over B x N tokens, then
-n_steps = (n_ahead - 1) + (n_ahead_talk - 1) thought steps, each feeding T = n_passes * N
-tokens per row through every layer. A thought query attends to all N base keys (masked,
-not skipped) plus the S = n_steps slots of its own thought cache plus itself. The LM head
-runs on the base pass, the n_ahead - 3 sampling steps and the n_ahead_talk talk steps (not
-on step n_ahead - 2); the mixing head on the talk steps.
+n_steps = (n_ahead - 1) + (n_ahead_talk - 1) thought steps, each feeding T = n_passes * K
+tokens per row (K = N sites, fewer when training is gated) through every layer. A thought
+query attends to all N base keys (masked, not skipped) plus the S = n_steps slots of its
+own thought cache plus itself. The LM head runs on the base pass, the n_ahead - 3 sampling
+steps and the n_ahead_talk talk steps (not on step n_ahead - 2); the mixing head on the
+talk steps.
 
 "model" FLOPs are forward + backward (3x forward), the convention MFU is quoted in.
 "executed" adds what rematerialisation recomputes in the backward pass: the thought steps
@@ -85,7 +86,7 @@ def step_flops(m: ModelConfig, qs: QuietStarConfig, batch: int, seq: int) -> dic
     chunked = qs.logits_chunk_rows > 0
     if chunked and batch * seq > qs.logits_chunk_rows:
         recompute += fwd["base_lm_head"]
-    if chunked and batch * qs.n_passes * seq > qs.logits_chunk_rows:
+    if chunked and batch * qs.n_passes * qs.n_sites(seq) > qs.logits_chunk_rows:
         recompute += fwd["thought_lm_head"]
     tokens_through_layers = batch * (seq + qs.n_passes * qs.n_sites(seq) * qs.n_steps)
     return {

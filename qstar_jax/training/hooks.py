@@ -111,7 +111,7 @@ class Profile:
         if end.step == self.first and not end.last:
             jax.profiler.start_trace(self.directory)
             self.tracing = True
-        elif self.tracing and (end.step == self.first + self.count or end.last):
+        elif self.tracing and (end.step == self.first + self.count or end.last or end.stop):
             jax.block_until_ready(end.metrics)
             jax.profiler.stop_trace()
             self.tracing = False

@@ -75,11 +75,32 @@ def decay_mask(params: Params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED_PARAM_NAMES, params)
 
 
+SEPARATELY_CLIPPED = ("think_gate",)  # parts whose gradient must not change the others' clip factor
+
+
+def clip_by_global_norm_per_part(max_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping, with the think gate's gradient clipped on its own: its regression
+    gradient would otherwise change the factor that clips the LM, mixing head and thought
+    embeddings (and theirs, at policy_loss_weight 1e6, would set the gate's step). Stateless
+    like optax's, so checkpoints keep the same optimizer-state tree."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        del params
+        parts = [k for k in SEPARATELY_CLIPPED if isinstance(updates, dict) and k in updates]
+        if not parts:
+            return clip.update(updates, state)
+        clipped, _ = clip.update({k: v for k, v in updates.items() if k not in parts}, state)
+        return {**clipped, **{k: clip.update(updates[k], state)[0] for k in parts}}, state
+
+    return optax.GradientTransformation(clip.init, update)
+
+
 def make_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
-    """Global-norm gradient clipping, then AdamW on the schedule, with weight decay on
-    matrices and embeddings only (`decay_mask`)."""
+    """Global-norm gradient clipping (the think gate on its own), then AdamW on the schedule,
+    with weight decay on matrices and embeddings only (`decay_mask`)."""
     return optax.chain(
-        optax.clip_by_global_norm(opt.grad_clip_norm),
+        clip_by_global_norm_per_part(opt.grad_clip_norm),
         optax.adamw(  # moments in float32 whatever the params' dtype: bf16 moments lose small updates
             learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
             mask=decay_mask, mu_dtype=jnp.float32,

@@ -257,13 +257,13 @@ def add_hooks(trainer: Trainer, cfg: ml_collections.ConfigDict, workdir: str, ru
               log: MetricsLog, eval_batches: list, train_documents: int,
               selection: curriculum.Selection | None) -> None:
     """Logging, evaluation, checkpointing and profiling, in the order they must run."""
+    task_sets = parse_eval_tasks(cfg.eval_tasks)  # read and checked even when evaluation is off
     step_flops, token_passes = flops.train_step_cost(run.model_config, run.qs, cfg.batch_size, cfg.data.seq_len)
     peak, peak_source = flops.peak_flops()  # the NTP student's cost only (not its teacher's forward pass)
     status(f"{step_flops:.3g} model FLOPs per step; peak {peak:.3g} FLOP/s ({peak_source})")
     learning_rate = learning_rate_schedule(optimizer_config(cfg))
     trainer.add_hook(LogMetrics(log, ckpt, learning_rate, run.step, cfg.batch_size * cfg.data.seq_len, token_passes,
                                 step_flops, peak), every=cfg.log_every, on_save=True)
-    task_sets = parse_eval_tasks(cfg.eval_tasks)  # read and checked even when evaluation is off
     if cfg.eval_every > 0:
         loss_fn = loss_fn_for(run.model_config, run.qs, ntp_config(cfg) if cfg.method == "ntp" else None)
         eval_fn = jax.jit(lambda p, t, v, *x: loss_fn(p, t, v, jax.random.key(cfg.seed + 2), *x)[1])
