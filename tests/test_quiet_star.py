@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -450,11 +451,17 @@ def test_a_gate_is_added_to_params_without_one_and_dropped_when_off():
     assert "think_gate" not in prepare_method(cfg, config, with_gate, Ids())[2]
 
 
-def test_an_unknown_think_gate_is_one_line():
+@pytest.mark.parametrize("change,message", [
+    (dict(think_gate="big"), "think_gate must be one of '', 'linear', 'mlp', got 'big'"),
+    (dict(think_share=0.0), "think_share must be in (0, 1] and think_explore in [0, 1], got 0.0 and 0.1"),
+    (dict(think_explore=2.0), "think_share must be in (0, 1] and think_explore in [0, 1], got 1.0 and 2.0"),
+    (dict(think_gate_loss_weight=-1.0), "think_gate_loss_weight must be >= 0, got -1.0"),
+])
+def test_bad_think_gate_settings_are_one_line(change, message):
     from qstar_jax.errors import UserError
 
-    with pytest.raises(UserError, match="think_gate must be one of '', 'linear', 'mlp', got 'big'"):
-        QS.replace(think_gate="big")
+    with pytest.raises(UserError, match=re.escape(message)):
+        QS.replace(**change)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))

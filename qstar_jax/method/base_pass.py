@@ -90,13 +90,12 @@ def all_sites(base: BasePass) -> Sites:
 
 
 def chosen_sites(base: BasePass, index_BxK: jax.Array) -> Sites:
-    """Only positions `index_BxK` of each row think (gated training)."""
+    """Only positions `index_BxK` of each row think (gated training): `all_sites` at them."""
+    every = all_sites(base)
     row = lambda x_BxN: jnp.take_along_axis(x_BxN, index_BxK, axis=1)
-    per_step = lambda x_CxBxN: jax.vmap(row)(x_CxBxN)
-    h_base_CxBxKxD = jnp.stack([jnp.take_along_axis(shift_left(base.h_BxNxD, c, 0), index_BxK[:, :, None], axis=1)
-                                for c in range(base.targets_CxBxN.shape[0])])
-    return Sites(index_BxK, row(base.positions_BxN), row(base.segments_BxN.astype(jnp.int32)), h_base_CxBxKxD,
-                 per_step(base.targets_CxBxN), per_step(base.target_valid_CxBxN))
+    return Sites(index_BxK, row(every.positions_BxK), row(every.segments_BxK),
+                 jnp.take_along_axis(every.h_base_CxBxKxD, index_BxK[None, :, :, None], axis=2),
+                 jax.vmap(row)(every.targets_CxBxK), jax.vmap(row)(every.target_valid_CxBxK))
 
 
 class LM(NamedTuple):
