@@ -34,7 +34,7 @@ from qstar_jax.inference import speed
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy
 from qstar_jax.toy.study import ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED, score_run, summarise
-from qstar_jax.toy.runs import export_base, int_list, make_workdir, publish, read_readme, train
+from qstar_jax.toy.runs import export_base, int_list, make_workdir, run_study, save_figure, train
 from qstar_jax.training import checkpoint
 
 NUM_OPS = 3  # a 2-layer model answers 0.27 of 3-op chains without working, all of them with it
@@ -155,11 +155,8 @@ def plot(results: dict, path: str) -> None:
         ax.axhline(results["base"][key], color="gray", linestyle=":", label="base model")
         ax.set(xlabel="optimizer steps from the base (students: after the teacher's)", ylabel=label)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Fast Quiet-STaR NTP on {NUM_OPS}-operation chains: mean ± std over seeds {results['seeds']}")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"Fast Quiet-STaR NTP on {NUM_OPS}-operation chains: mean ± std over seeds {results['seeds']}",
+                path)
 
 
 def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
@@ -209,13 +206,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from absl import logging
-
-    logging.set_verbosity(logging.ERROR)  # Orbax warns about every checkpoint it reads
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.readme:
-        read_readme(args.readme, MARKERS)
-    results = study(args.workdir, args.seeds, args.smoke)
-    results["command"] = " ".join(["python -m qstar_jax.toy_ntp_study", *argv])
-    publish(results, args.workdir, f"{table(results)}\n\n{caption(results)}", args.readme, MARKERS, plot, args.plot)
+    run_study("qstar_jax.toy_ntp_study", argv, args, MARKERS, lambda: study(args.workdir, args.seeds, args.smoke),
+              lambda results: f"{table(results)}\n\n{caption(results)}", plot)

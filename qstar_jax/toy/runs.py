@@ -91,3 +91,29 @@ def publish(results: dict, workdir: str, text: str, readme: str, markers: tuple[
     if plot_path:
         draw(results, plot_path)
         print(f"plot: {plot_path}")
+
+
+def save_figure(fig, title: str, path: str) -> None:
+    """A study's plot: titled, laid out and written to `path` (its folder created)."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_study(prog: str, argv: list[str], args: argparse.Namespace, markers: tuple[str, str],
+              study: Callable[[], dict], report: Callable[[dict], str], draw: Callable[[dict, str], None]) -> None:
+    """A study's `main` once its arguments are parsed: the README's markers are checked
+    before any training, the study runs, and its results (with the command that made them)
+    are published to args.workdir, args.readme and args.plot."""
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about every checkpoint it reads
+    if args.readme:
+        read_readme(args.readme, markers)
+    results = study()
+    results["command"] = " ".join([f"python -m {prog}", *argv])
+    publish(results, args.workdir, report(results), args.readme, markers, draw, args.plot)

@@ -40,7 +40,7 @@ import numpy as np
 from qstar_jax.errors import exit_on_user_error
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
-from qstar_jax.toy.runs import REPO, export_base, int_list, make_workdir, publish, read_readme, train
+from qstar_jax.toy.runs import REPO, export_base, int_list, make_workdir, run_study, save_figure, train
 from qstar_jax.training import checkpoint
 
 BASE_CONFIG = os.path.join(REPO, "experiments", "toy_reasoning_base.py")
@@ -279,12 +279,8 @@ def plot(results: dict, path: str) -> None:
         if key != "answer_nll":
             ax.set_ylim(0, 1.05)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Toy reasoning ({results['variant']}): mean ± std over seeds {results['seeds']}, "
-                 f"{results['test_problems']} test problems")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"Toy reasoning ({results['variant']}): mean ± std over seeds {results['seeds']}, "
+                f"{results['test_problems']} test problems", path)
 
 
 # --------------------------------------------------------------------------------- study
@@ -359,15 +355,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from absl import logging
-
-    logging.set_verbosity(logging.ERROR)  # Orbax warns about every checkpoint it reads
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.readme:
-        read_readme(args.readme, VARIANTS[args.variant].markers)
-    results = study(args.workdir, args.variant, args.seeds, args.n_ahead, args.smoke)
-    results["command"] = "python -m qstar_jax.toy_study " + " ".join(sys.argv[1:] if argv is None else argv)
-    publish(results, args.workdir, f"{table(results)}\n\n{caption(results)}", args.readme,
-            VARIANTS[args.variant].markers, plot, args.plot)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    run_study("qstar_jax.toy_study", argv, args, VARIANTS[args.variant].markers,
+              lambda: study(args.workdir, args.variant, args.seeds, args.n_ahead, args.smoke),
+              lambda results: f"{table(results)}\n\n{caption(results)}", plot)
 
 
