@@ -20,7 +20,7 @@ FORBIDDEN = {
     "models": ("method", "training", "inference", "toy"),
     "method": ("training", "inference", "toy"),
     "inference": ("toy",),
-    "training": ("toy.study", "toy.ntp_study", "toy.eval"),
+    "training": ("toy.study", "toy.ntp_study", "toy.gate_study", "toy.gate_report", "toy.eval"),
 }
 
 
@@ -88,7 +88,7 @@ def test_imports_run_one_way():
 
 
 @pytest.mark.parametrize("module", ["train", "evaluate", "generate", "analyze", "convert", "data", "toy_reasoning",
-                                    "toy_eval", "toy_study", "toy_ntp_study"])
+                                    "toy_eval", "toy_study", "toy_ntp_study", "toy_gate_study"])
 def test_entry_modules_are_thin(module):
     """`python -m qstar_jax.X` modules only hand over to the package: no logic of their own."""
     tree = ast.parse(open(os.path.join(PACKAGE, f"{module}.py")).read())

@@ -200,3 +200,21 @@ def test_prompt_longer_than_the_context_is_refused_by_generate_and_cut_by_evalua
     with pytest.raises(UserError, match=f"and {qs.n_ahead} thought slots leave no room for a prompt"):
         prompt_room(config, qs, config.max_position_embeddings - qs.n_ahead, True)
     assert prompt_room(config, qs, config.max_position_embeddings - qs.n_ahead, False) == qs.n_ahead
+
+
+@pytest.mark.parametrize("module", ["generate", "evaluate"])
+def test_a_think_gate_threshold_on_a_model_without_a_gate_is_one_line(run_dir, tmp_path, monkeypatch, capsys, module):
+    """A thinking checkpoint trained without quiet_star.think_gate has nothing to threshold."""
+    import importlib
+
+    cli_module = importlib.import_module(f"qstar_jax.inference.{module}")
+    config, qs, params, tokenizer = checkpoint.load_for_inference(str(run_dir))
+    gateless = (config, qs.replace(think_gate=""), {k: v for k, v in params.items() if k != "think_gate"}, tokenizer)
+    monkeypatch.setattr(cli_module, "load_for_inference", lambda *args, **kwargs: gateless)
+    args = (["--prompt", "hi"] if module == "generate" else
+            ["--task", "csqa", "--data", str(write_jsonl(tmp_path / "csqa.jsonl", [RECORDS["csqa"]] * 2))])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(["--checkpoint", "gateless", *args, "--think-gate", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines == [
+        "error: gateless has no think gate (train with --config.quiet_star.think_gate=linear)"], lines

@@ -6,12 +6,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from qstar_jax.inference.decode import generate
+from qstar_jax.inference.decode import generate_decoded
 from qstar_jax.training import checkpoint
 
 BENCH_PROMPT = "Ava has 12 apples. Ben gives Ava 7 more. How many apples does Ava have now?"
@@ -20,41 +21,52 @@ BENCH_PROMPT = "Ava has 12 apples. Ben gives Ava 7 more. How many apples does Av
 BENCH_REPEATS = 5
 
 
-def generation_runner(path: str, step: int | None, new_tokens: int) -> tuple[Callable[[], None], int]:
-    """(run, forward passes per generated token) for a checkpoint: `run()` decodes
-    `new_tokens` greedily after a fixed prompt (batch 1), thinking if the model thinks, and
-    waits for the result. Its first call compiles."""
-    config, qs, params, tokenizer = checkpoint.load_for_inference(path, step)
-    ids = tokenizer.with_bos(tokenizer.encode(BENCH_PROMPT))
-    prompt_1xT = jnp.asarray([ids], jnp.int32)
+class Timed(NamedTuple):
+    """A checkpoint to time: its path, step (None: newest) and think-gate threshold (None:
+    think before every token if it thinks at all)."""
+
+    path: str
+    step: int | None = None
+    think_gate: float | None = None
+
+
+def generation_runner(timed: Timed, new_tokens: int,
+                      prompt: str = BENCH_PROMPT) -> tuple[Callable[[], jax.Array], float, float]:
+    """(run, forward passes and thoughts per generated token) for a checkpoint: `run()` decodes
+    `new_tokens` greedily after `prompt` (batch 1), thinking if the model thinks (where the
+    gate says, with a threshold), and waits for the result. Building it compiles."""
+    config, qs, params, tokenizer = checkpoint.load_for_inference(timed.path, timed.step)
+    prompt_1xT = jnp.asarray([tokenizer.with_bos(tokenizer.encode(prompt))], jnp.int32)
     valid_1xT = jnp.ones(prompt_1xT.shape, bool)
 
-    def run():
-        jax.block_until_ready(generate(config, qs, params, prompt_1xT, valid_1xT, jax.random.key(0), new_tokens,
-                                       0.0, qs is not None))
+    def run() -> jax.Array:
+        decoded = generate_decoded(config, qs, params, prompt_1xT, valid_1xT, jax.random.key(0), new_tokens, 0.0,
+                                   qs is not None, timed.think_gate)
+        return jax.block_until_ready(decoded.thought_BxM)
 
-    # inference/decode.py: a thinking token costs n_ahead decode steps (n_ahead - 1 thought inputs + itself)
-    return run, qs.n_ahead if qs is not None else 1
+    thoughts_per_token = float(np.mean(run()))
+    # inference/decode.py: a thought costs n_ahead - 1 decode steps on top of the token's own
+    passes = 1 + (qs.n_ahead - 1) * thoughts_per_token if qs is not None else 1
+    return run, passes, thoughts_per_token
 
 
-def generation_speeds(checkpoints: dict[str, tuple[str, int | None]], new_tokens: int) -> dict[str, dict[str, Any]]:
-    """Inference cost of checkpoints {name: (path, step)}: forward passes and measured
-    tokens/s per generated token. After one compiling run each, BENCH_REPEATS rounds time
+def generation_speeds(checkpoints: dict[str, tuple], new_tokens: int,
+                      prompt: str = BENCH_PROMPT) -> dict[str, dict[str, Any]]:
+    """Inference cost of checkpoints {name: Timed fields}: forward passes, thoughts and
+    measured tokens/s per generated token. After one compiling run each, BENCH_REPEATS rounds time
     every checkpoint once, in turn, so that a change in the machine's load falls on all of
     them alike; the median per checkpoint. All of them are loaded at once (small models)."""
-    runners = {name: generation_runner(path, step, new_tokens) for name, (path, step) in checkpoints.items()}
-    for run, _ in runners.values():
-        run()
+    runners = {name: generation_runner(Timed(*fields), new_tokens, prompt) for name, fields in checkpoints.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(BENCH_REPEATS):
-        for name, (run, _) in runners.items():
+        for name, (run, _, _) in runners.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: {"forward_passes_per_token": passes,
+    return {name: {"forward_passes_per_token": passes, "thoughts_per_token": thoughts,
                    "tokens_per_s": round(new_tokens / statistics.median(times[name]), 1),
                    "tokens_per_s_runs": [round(new_tokens / t, 1) for t in times[name]]}
-            for name, (_, passes) in runners.items()}
+            for name, (_, passes, thoughts) in runners.items()}
 
 
 def generation_speed(path: str, step: int, new_tokens: int) -> dict[str, Any]:

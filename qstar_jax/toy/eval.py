@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qstar_jax.training.checkpoint import load_for_inference
-from qstar_jax.inference.decode import continuation_logits, generate
+from qstar_jax.inference.decode import continuation_decoded, generate
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.inference.evaluate import left_pad
 from qstar_jax.toy.reasoning import DELIMITER, Problem, read_problems
@@ -47,15 +47,18 @@ def _answer_ids(tokenizer, items: list[Problem]) -> np.ndarray:
     return np.asarray([i[0] for i in ids], np.int32)
 
 
-def answer_metrics(config, qs, params, tokenizer, items: list[Problem], thinking: bool, seed: int = 0) -> dict:
-    """Accuracy and mean NLL of the answer token after each question (one batch)."""
+def answer_metrics(config, qs, params, tokenizer, items: list[Problem], thinking: bool, seed: int = 0,
+                   think_gate: float | None = None) -> dict:
+    """Accuracy and mean NLL of the answer token after each question (one batch); with a
+    `think_gate` threshold the model thinks only where its gate predicts a gain above it,
+    and `answer_thought` says how often it did."""
     if thinking and qs is None:
         raise UserError("this checkpoint has no thought parameters (a plain LM); evaluate with --no-think")
     tokens, valid = left_pad([_prompt_ids(tokenizer, p.question) for p in items], tokenizer.pad_id)
     answer_B = _answer_ids(tokenizer, items)
-    logits_Bx1xV = continuation_logits(config, qs, params, tokens, valid, jnp.asarray(answer_B[:, None]),
-                                       jax.random.key(seed), thinking)
-    logp_BxV = np.asarray(jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32), axis=-1))
+    decoded = continuation_decoded(config, qs, params, tokens, valid, jnp.asarray(answer_B[:, None]),
+                                   jax.random.key(seed), thinking, think_gate)
+    logp_BxV = np.asarray(jax.nn.log_softmax(decoded.logits_BxMxV[:, 0].astype(jnp.float32), axis=-1))
     digits_A = _answer_vocabulary(tokenizer)
     logp_BxA = logp_BxV[:, digits_A] - np.logaddexp.reduce(logp_BxV[:, digits_A], axis=-1, keepdims=True)
     answer_index_B = np.searchsorted(digits_A, answer_B)
@@ -63,6 +66,7 @@ def answer_metrics(config, qs, params, tokenizer, items: list[Problem], thinking
     return {
         "problems": len(items),
         "think": thinking,
+        "answer_thought": float(np.mean(decoded.thought_BxM)),
         "accuracy": float(np.mean(digits_A[np.argmax(logp_BxA, axis=-1)] == answer_B)),
         "answer_nll": float(np.mean(-logp_BxA[rows, answer_index_B])),
         "answer_nll_full_vocab": float(np.mean(-logp_BxV[rows, answer_B])),
