@@ -41,8 +41,10 @@ def configurations(quick: bool) -> list[dict]:
     return anchors + dense + sweep
 
 
-def measure(spec: dict, steps: int) -> dict:
-    """Runs in the child process: builds the model and times `steps` train steps after compile."""
+def build(spec: dict):
+    """(step, state, tokens, valid) of one configuration: the jitted train step of a random
+    model, its first state and a random batch; `spec` may add remat, objective=next_token
+    (a plain LM step), rollout_impl, think_gate and think_share."""
     import jax
     import jax.numpy as jnp
 
@@ -63,24 +65,36 @@ def measure(spec: dict, steps: int) -> dict:
         qs = QuietStarConfig(
             n_ahead=spec["n_ahead"], n_ahead_talk=spec["n_ahead_talk"], n_passes=spec["n_passes"],
             start_token_id=vocab - 2, end_token_id=vocab - 1, attention_impl=spec["variant"],
-            rollout_impl=spec.get("rollout_impl", "scan"),
+            rollout_impl=spec.get("rollout_impl", "scan"), think_gate=spec.get("think_gate", ""),
+            think_share=spec.get("think_share", 1.0),
         )
         params = init_quiet_star_params(config, qs, lm, lm["embed_tokens"]["embedding"][3], jax.random.key(1))
     optimizer = make_optimizer(OptimizerConfig())
     state = init_train_state(params, optimizer, jax.random.key(2))
-    step = make_train_step(config, qs, optimizer)
     tokens = jax.random.randint(jax.random.key(3), (1, spec["batch"], spec["seq"]), 0, vocab - 2)
-    valid = jnp.ones(tokens.shape, bool)
+    return make_train_step(config, qs, optimizer), state, tokens, jnp.ones(tokens.shape, bool)
+
+
+def timed_step(step, state, tokens, valid):
+    """(seconds, new state, metrics) of one step, waited for."""
+    import jax
+
     t0 = time.perf_counter()
     state, metrics = step(state, tokens, valid)
     jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
+    return time.perf_counter() - t0, state, metrics
+
+
+def measure(spec: dict, steps: int) -> dict:
+    """Runs in the child process: builds the model and times `steps` train steps after compile."""
+    import jax
+
+    step, state, tokens, valid = build(spec)
+    compile_s, state, metrics = timed_step(step, state, tokens, valid)
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, tokens, valid)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+        seconds, state, metrics = timed_step(step, state, tokens, valid)
+        times.append(seconds)
     step_s = statistics.median(times)
     return dict(
         spec,

@@ -130,3 +130,19 @@ def test_gated_training_counts_only_the_thinking_sites():
         expected = value if part.startswith("base") else value / 4
         assert gated["forward_by_part"][part] == pytest.approx(expected), part
     assert gated["token_passes_per_step"] == 4 * (256 + 2 * 64 * qs.n_steps)
+
+
+def test_gated_step_benchmark_times_both_steps_alternately():
+    """benchmarks/gated_step.py: a gated and an every-position step, both timed each round,
+    and the ratio of their medians; bad settings are refused."""
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    script = os.path.join(REPO, "benchmarks", "gated_step.py")
+    result = subprocess.run([sys.executable, script, "--seq", "24", "--rounds", "2", "--share", "0.25"],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["shape"]["seq"] == 24 and report["shape"]["think_gate"] == "linear" and report["share"] == 0.25
+    assert {name: len(t) for name, t in report["times"].items()} == {"every": 2, "gated": 2}
+    assert report["gated_over_every"] == pytest.approx(report["step_s"]["gated"] / report["step_s"]["every"], rel=1e-2)
+    bad = subprocess.run([sys.executable, script, "--share", "1.5"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert bad.returncode == 2 and "--share must be in (0, 1)" in bad.stderr.strip().splitlines()[-1]
