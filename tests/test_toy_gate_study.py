@@ -87,10 +87,10 @@ def _fake_results(gate_acc: list[float], random_acc: list[float], gate_speed: fl
     runs = []
     for arm, accs in toy.items():
         for seed, acc in enumerate(accs):
-            runs.append({"text": "toy", "arm": arm, "seed": seed, "metrics": {
-                "accuracy": acc, "answer_nll": 2.3 - 2 * acc, "thinking_share": share[arm], "answer_thought": acc}})
+            runs.append({"text": "toy", "arm": arm, "seed": seed, "scores": {arm: {
+                "accuracy": acc, "answer_nll": 2.3 - 2 * acc, "thinking_share": share[arm], "answer_thought": acc}}})
             runs.append({"text": "corpus", "arm": arm, "seed": seed,
-                         "metrics": {"nll": 3.0 - acc / 10, "thinking_share": share[arm]}})
+                         "scores": {arm: {"nll": 3.0 - acc / 10, "thinking_share": share[arm]}}})
     speed = {"control": 900.0, "every": 100.0, "gate_0.2": gate_speed}
     results = {"runs": runs, "seeds": [0, 1, 2], "shares": [0.2], "test_problems": 500, "wall_s": 600.0,
                "command": "python -m qstar_jax.toy_gate_study",
@@ -114,7 +114,7 @@ def test_report_has_a_row_per_arm_and_the_verdict_in_its_caption():
     results = _fake_results([0.93, 0.92, 0.94], [0.30, 0.28, 0.29], gate_speed=400.0)
     text = gate_report.report(results)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 2 * (1 + 4)  # per text: header and the four arms
+    assert len(rows) == 2 * (1 + 4)  # per text: header and the four arms (no every_gated scores here)
     assert "keeps 99% of the every-position accuracy gain" in text and "4.0× as fast" in text
 
 
@@ -127,7 +127,7 @@ def test_shares_must_lie_between_0_and_1():
 
 def test_smoke_study_writes_results_table_and_plot(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{gate_report.MARKERS[0]}\nold\n{gate_report.MARKERS[1]}\nafter\n")
+    readme.write_text(f"before\n{gate_report.MARKERS[0]}\nold table\n{gate_report.MARKERS[1]}\nafter\n")
     workdir, plot = tmp_path / "study", tmp_path / "gate.png"
     result = subprocess.run([sys.executable, "-m", "qstar_jax.toy_gate_study", "--smoke", "--seeds", "0",
                              "--shares", "0.25", "--workdir", str(workdir), "--readme", str(readme), "--plot", str(plot)],
@@ -140,15 +140,18 @@ def test_smoke_study_writes_results_table_and_plot(tmp_path):
     for run in results["runs"]:
         logged = [json.loads(line) for line in (workdir / run["name"] / "metrics.jsonl").open()]
         assert logged, run["name"]
-        if run["kind"] == "gate":  # thresholded on development text: some positions think, not all
-            assert 0 < run["metrics"]["thinking_share"] < 1 and "think_gate" in run["metrics"]
+        gated = [s for arm, s in run["scores"].items() if arm.startswith(("gate_", "every_gated_"))]
+        for scores in gated:  # thresholded on development text: some positions think, not all
+            assert 0 < scores["thinking_share"] < 1 and "think_gate" in scores
+        assert len(gated) == (run["kind"] in ("gate", "every"))
+    assert set(results["summary"]["corpus"]) == {"control", "every", "gate_0.25", "random_0.25", "every_gated_0.25"}
     speed = results["speed"]
-    assert set(speed) == {"control", "every", "gate_0.25"}
+    assert set(speed) == {"control", "every", "gate_0.25", "every_gated_0.25"}
     assert speed["control"]["thoughts_per_token"] == 0 and speed["every"]["thoughts_per_token"] == 1
     assert speed["every"]["forward_passes_per_token"] == 8  # n_ahead: 7 thought steps and the token
     assert set(results["verdict"]) == {"0.25"}
     text = readme.read_text()
-    assert "old" not in text and text.startswith("before\n") and text.endswith("after\n")
+    assert "old table" not in text and text.startswith("before\n") and text.endswith("after\n")
     assert plot.stat().st_size > 10_000
 
 

@@ -16,7 +16,8 @@ def aggregate(results: dict) -> dict:
     """{text: {arm: {metric: mean, std, values}}} over seeds."""
     by_arm: dict = {}
     for run in results["runs"]:
-        by_arm.setdefault(run["text"], {}).setdefault(run["arm"], []).append(run["metrics"])
+        for arm, metrics in run["scores"].items():
+            by_arm.setdefault(run["text"], {}).setdefault(arm, []).append(metrics)
     return {text: {arm: {k: summarise([m[k] for m in ms]) for k in METRICS[text] if k in ms[0]}
                    for arm, ms in arms.items()}
             for text, arms in by_arm.items()}
@@ -52,11 +53,15 @@ def verdict(results: dict) -> dict:
 # --------------------------------------------------------------------------------- tables
 
 
+def _by_share(summary: dict, kind: str) -> list[str]:
+    """The arms of one kind (gate, random, every_gated), by share."""
+    return sorted((a for a in summary if a.startswith(f"{kind}_")), key=lambda a: float(a.rsplit("_", 1)[1]))
+
+
 def _arms(summary: dict) -> list[str]:
-    """control, the gate arms by share, the random arms by share, every position."""
-    share = lambda arm: float(arm.rsplit("_", 1)[1])  # noqa: E731
-    return (["control"] + sorted((a for a in summary if a.startswith("gate_")), key=share)
-            + sorted((a for a in summary if a.startswith("random_")), key=share) + ["every"])
+    """control, then the gate, random and gate-at-inference-only arms by share, every position."""
+    return ["control", *_by_share(summary, "gate"), *_by_share(summary, "random"), *_by_share(summary, "every_gated"),
+            "every"]
 
 
 def _spread(metric: dict) -> str:
@@ -70,8 +75,9 @@ def _label(arm: str) -> str:
     if arm in LABELS:
         return LABELS[arm]
     kind, share = arm.rsplit("_", 1)
-    return (f"gate: trained at {share} of positions, thinks where the gate predicts the most gain" if kind == "gate"
-            else f"random: trained and thinking at a random {share} of positions")
+    return {"gate": f"gate: trained at {share} of positions, thinks where the gate predicts the most gain",
+            "random": f"random: trained and thinking at a random {share} of positions",
+            "every_gated": f"every-position training, gate at inference only ({share})"}[kind]
 
 
 def toy_table(results: dict) -> str:
@@ -125,8 +131,7 @@ def report(results: dict) -> str:
 
 def _series(summary: dict, kind: str, key: str) -> tuple[list, list, list]:
     """(share, mean, std) of one selection from the control (share 0) to every position (1)."""
-    arms = ["control"] + sorted((a for a in summary if a.startswith(f"{kind}_")),
-                                key=lambda a: float(a.rsplit("_", 1)[1])) + ["every"]
+    arms = ["control", *_by_share(summary, kind), "every"]
     x = [summary[a]["thinking_share"]["mean"] for a in arms]
     return x, [summary[a][key]["mean"] for a in arms], [summary[a][key]["std"] for a in arms]
 
@@ -141,9 +146,11 @@ def plot(results: dict, path: str) -> None:
     toy, corpus, speeds = results["summary"]["toy"], results["summary"]["corpus"], results["speed"]
     for ax, summary, key, label in ((axes[0], toy, "accuracy", "toy: held-out answer accuracy"),
                                     (axes[2], corpus, "nll", "tiny_cpu: held-out NLL per token (nats)")):
-        for kind, color in (("gate", "tab:blue"), ("random", "tab:orange")):
-            ax.errorbar(*_series(summary, kind, key), color=color, marker="o", capsize=3,
-                        label=f"{kind} selection")
+        for kind, color, label in (("gate", "tab:blue", "gate (gated training and inference)"),
+                                   ("random", "tab:orange", "random selection"),
+                                   ("every_gated", "tab:green", "every-position training, gate at inference")):
+            ax.errorbar(*_series(summary, kind, key), color=color, marker="o", capsize=3, label=label,
+                        linestyle="--" if kind == "every_gated" else "-")
         ax.axhline(summary["control"][key]["mean"], color="gray", linestyle=":", label="control (no thoughts)")
         ax.set(xlabel="share of positions that think (held-out text)", ylabel=label)
         ax.legend(fontsize=8)

@@ -10,7 +10,8 @@ Sweeps the share of positions that think, on two texts:
   corpus  the embedded default corpus of `experiments/tiny_cpu.py` (random init); scored
           by held-out NLL per token, teacher-forced, thinking as in generation.
 Arms, per seed and text: the control (plain next-token training: share 0), Quiet-STaR at
-every position (share 1), and for each share s:
+every position (share 1; also scored with its gate at inference only, every_gated s), and
+for each share s:
   gate s    gated training (quiet_star.think_share=s, a linear think gate: its top-ranked
             positions plus a 10% exploration share) and gated inference at the threshold
             that lets s of the positions of development text think;
@@ -60,6 +61,7 @@ GATE = "--config.quiet_star.think_gate=linear"
 
 
 def share_name(kind: str, share: float) -> str:
+    """An arm's name: control, every, or the kind and share (gate_0.2, random_0.2, every_gated_0.2)."""
     return kind if kind in ("control", "every") else f"{kind}_{share:g}"
 
 
@@ -120,21 +122,31 @@ def toy_rows(tokenizer, items) -> list[np.ndarray]:
     return [np.asarray([tokenizer.eos_id, *tokenizer.encode(p.implicit())], np.int32) for p in items]
 
 
-def score_toy(run: dict, run_dir: str, items, dev_items) -> dict:
-    """Held-out answer accuracy and NLL of a toy run, thinking as its arm does, and the
-    share of test positions that think."""
+def score_toy(run: dict, run_dir: str, scoring: dict) -> dict[str, dict]:
+    """{arm: held-out answer accuracy, NLL and share of test positions that think} of a toy
+    run, thinking as its arm does; the every-position run is also scored with its gate at
+    inference only (arm every_gated_s), at each of the study's shares."""
     config, qs, params, tokenizer = checkpoint.load_for_inference(run_dir)
+    items = scoring["items"]
     score = lambda thinking, **kw: answer_metrics(config, qs, params, tokenizer, items, thinking, run["seed"], **kw)  # noqa: E731
     kind, share = run["kind"], run["share"]
-    if kind in ("control", "every"):
-        return {**score(kind == "every"), "thinking_share": share}
+    if kind == "control":
+        return {run["arm"]: {**score(False), "thinking_share": 0.0}}
     if kind == "random":
         mixed = expected_mix(share, score(True), score(False), ("accuracy", "answer_nll", "answer_thought"))
-        return {**mixed, "thinking_share": share}
-    threshold = threshold_for(share, gate_scores(config, qs, params, toy_rows(tokenizer, dev_items), tokenizer.pad_id))
+        return {run["arm"]: {**mixed, "thinking_share": share}}
+    dev_scores = gate_scores(config, qs, params, toy_rows(tokenizer, scoring["dev_items"]), tokenizer.pad_id)
     test_scores = gate_scores(config, qs, params, toy_rows(tokenizer, items), tokenizer.pad_id)
-    return {**score(True, think_gate=threshold), "think_gate": threshold,
-            "thinking_share": float(np.mean(test_scores > threshold))}
+
+    def gated(at: float) -> dict:
+        threshold = threshold_for(at, dev_scores)
+        return {**score(True, think_gate=threshold), "think_gate": threshold,
+                "thinking_share": float(np.mean(test_scores > threshold))}
+
+    if kind == "gate":
+        return {run["arm"]: gated(share)}
+    return {"every": {**score(True), "thinking_share": 1.0},
+            **{share_name("every_gated", at): gated(at) for at in scoring["shares"]}}
 
 
 def corpus_rows(cfg: ml_collections.ConfigDict, tokenizer) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -162,19 +174,23 @@ def per_token_nll(config, qs, params, rows: list[np.ndarray], pad_id: int, think
     return {"nll": float(nll_BxM[valid].mean()), "thinking_share": float(np.asarray(decoded.thought_BxM)[valid].mean())}
 
 
-def score_corpus(run: dict, run_dir: str, cfg: ml_collections.ConfigDict) -> dict:
-    """Held-out NLL per token of a corpus run, thinking as its arm does."""
+def score_corpus(run: dict, run_dir: str, scoring: dict) -> dict[str, dict]:
+    """{arm: held-out NLL per token and share of positions that think} of a corpus run, as
+    `score_toy` scores a toy run."""
     config, qs, params, tokenizer = checkpoint.load_for_inference(run_dir)
-    dev, test = corpus_rows(cfg, tokenizer)
+    dev, test = corpus_rows(scoring["corpus_cfg"], tokenizer)
     score = lambda thinking, gate=None: per_token_nll(config, qs, params, test, tokenizer.pad_id, thinking, gate,  # noqa: E731
                                                       run["seed"])
     kind, share = run["kind"], run["share"]
-    if kind in ("control", "every"):
-        return score(kind == "every")
+    if kind == "control":
+        return {run["arm"]: score(False)}
     if kind == "random":
-        return {**expected_mix(share, score(True), score(False), ("nll",)), "thinking_share": share}
-    threshold = threshold_for(share, gate_scores(config, qs, params, dev, tokenizer.pad_id))
-    return {**score(True, threshold), "think_gate": threshold}
+        return {run["arm"]: {**expected_mix(share, score(True), score(False), ("nll",)), "thinking_share": share}}
+    dev_scores = gate_scores(config, qs, params, dev, tokenizer.pad_id)
+    gated = lambda at: {**score(True, threshold_for(at, dev_scores)), "think_gate": threshold_for(at, dev_scores)}  # noqa: E731
+    if kind == "gate":
+        return {run["arm"]: gated(share)}
+    return {"every": score(True), **{share_name("every_gated", at): gated(at) for at in scoring["shares"]}}
 
 
 def corpus_config(smoke: bool) -> ml_collections.ConfigDict:
@@ -207,23 +223,21 @@ def train_and_score(run: dict, workdir: str, cache_dir: str, base_model: str, sm
     else:
         config, extra = CORPUS_CONFIG, ["--config.eval_every=0", *(SMOKE_CORPUS if smoke else [])]
     train_s = train(config, run_dir, [*run["overrides"], *extra], cache_dir)
-    if run["text"] == "toy":
-        metrics = score_toy(run, run_dir, scoring["items"], scoring["dev_items"])
-    else:
-        metrics = score_corpus(run, run_dir, scoring["corpus_cfg"])
-    print(f"[gate_study] {run['name']}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+    scores = (score_toy if run["text"] == "toy" else score_corpus)(run, run_dir, scoring)
+    print(f"[gate_study] {run['name']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[run["arm"]].items()
                                                       if k in ("accuracy", "nll", "thinking_share"))
           + f" ({train_s:.0f} s)", flush=True)
-    return {**run, "train_s": train_s, "metrics": metrics}
+    return {**run, "train_s": train_s, "scores": scores}
 
 
 def time_generation(workdir: str, results: dict, items) -> dict:
-    """Tokens/s of the first seed's toy control, every-position and gate arms (at their thresholds)."""
-    seed = results["seeds"][0]
+    """Tokens/s of the first seed's toy control and every-position arms, and of every arm
+    that thinks where a gate says, at its threshold."""
     timed = {}
     for run in results["runs"]:
-        if run["text"] == "toy" and run["seed"] == seed and run["kind"] != "random":
-            timed[run["arm"]] = (os.path.join(workdir, run["name"]), None, run["metrics"].get("think_gate"))
+        if run["text"] == "toy" and run["seed"] == results["seeds"][0] and run["kind"] != "random":
+            for arm, scores in run["scores"].items():
+                timed[arm] = (os.path.join(workdir, run["name"]), None, scores.get("think_gate"))
     return speed.generation_speeds(timed, SPEED_TOKENS, items[0].question)
 
 
@@ -236,7 +250,7 @@ def study(workdir: str, seeds: list[int], shares: list[float], smoke: bool) -> d
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     base_model = pretrain_base(workdir, cache_dir, smoke)
     count = 40 if smoke else TEST_PROBLEMS
-    scoring = {"items": toy_reasoning.problems(count, TEST_SEED), "corpus_cfg": corpus_config(smoke),
+    scoring = {"items": toy_reasoning.problems(count, TEST_SEED), "corpus_cfg": corpus_config(smoke), "shares": shares,
                "dev_items": toy_reasoning.problems(40 if smoke else DEV_PROBLEMS, DEV_SEED)}
     results = {"seeds": seeds, "shares": shares, "test_problems": count, "runs": []}
     for run in study_runs(seeds, shares):
