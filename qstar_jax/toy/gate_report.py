@@ -146,19 +146,19 @@ def plot(results: dict, path: str) -> None:
     toy, corpus, speeds = results["summary"]["toy"], results["summary"]["corpus"], results["speed"]
     for ax, summary, key, label in ((axes[0], toy, "accuracy", "toy: held-out answer accuracy"),
                                     (axes[2], corpus, "nll", "tiny_cpu: held-out NLL per token (nats)")):
-        for kind, color, label in (("gate", "tab:blue", "gate (gated training and inference)"),
-                                   ("random", "tab:orange", "random selection"),
-                                   ("every_gated", "tab:green", "every-position training, gate at inference")):
-            ax.errorbar(*_series(summary, kind, key), color=color, marker="o", capsize=3, label=label,
+        for kind, color, legend in (("gate", "tab:blue", "gate (gated training and inference)"),
+                                    ("random", "tab:orange", "random selection"),
+                                    ("every_gated", "tab:green", "every-position training, gate at inference")):
+            ax.errorbar(*_series(summary, kind, key), color=color, marker="o", capsize=3, label=legend,
                         linestyle="--" if kind == "every_gated" else "-")
         ax.axhline(summary["control"][key]["mean"], color="gray", linestyle=":", label="control (no thoughts)")
         ax.set(xlabel="share of positions that think (held-out text)", ylabel=label)
         ax.legend(fontsize=8)
-    for arm in speeds:
+    for color, arm in zip(plt.cm.tab10.colors, _arms(speeds)):
         acc = toy[arm]["accuracy"]
-        axes[1].errorbar(speeds[arm]["tokens_per_s"], acc["mean"], yerr=acc["std"], marker="o", capsize=3)
-        axes[1].annotate(arm, (speeds[arm]["tokens_per_s"], acc["mean"]), textcoords="offset points",
-                         xytext=(4, 4), fontsize=8)
+        axes[1].errorbar(speeds[arm]["tokens_per_s"], acc["mean"], yerr=acc["std"], marker="o", capsize=3,
+                         color=color, label=f"{arm} ({speeds[arm]['thoughts_per_token']:.2f} thoughts/token)")
+    axes[1].legend(fontsize=7)
     axes[1].set(xlabel=f"decoding tokens/s (seed {results['seeds'][0]}, batch 1)", ylabel="toy: answer accuracy",
                 xscale="log")
     save_figure(fig, f"Think gate: accuracy and NLL against thinking share and speed, mean ± std over seeds "
