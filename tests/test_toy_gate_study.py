@@ -148,7 +148,7 @@ def test_smoke_study_writes_results_table_and_plot(tmp_path):
     speed = results["speed"]
     assert set(speed) == {"control", "every", "gate_0.25", "every_gated_0.25"}
     assert speed["control"]["thoughts_per_token"] == 0 and speed["every"]["thoughts_per_token"] == 1
-    assert speed["every"]["forward_passes_per_token"] == 8  # n_ahead: 7 thought steps and the token
+    assert speed["every"]["forward_passes_per_token"] == 4  # the smoke's n_ahead: 3 thought steps and the token
     assert set(results["verdict"]) == {"0.25"}
     text = readme.read_text()
     assert "old table" not in text and text.startswith("before\n") and text.endswith("after\n")

@@ -57,6 +57,7 @@ SPEED_TOKENS = 32
 SMOKE_CORPUS = ["--config.steps=4", "--config.optimizer.total_steps=4", "--config.checkpoint_every=4",
                 "--config.batch_size=4", "--config.data.default_documents=200", "--config.data.eval_documents=20",
                 "--config.data.seq_len=32"]
+SMOKE_THOUGHTS = ["--config.quiet_star.n_ahead=4"]  # smoke: shorter thoughts compile faster
 GATE = "--config.quiet_star.think_gate=linear"
 
 
@@ -219,9 +220,9 @@ def train_and_score(run: dict, workdir: str, cache_dir: str, base_model: str, sm
     """One arm's run, trained (or resumed) and scored on its text's held-out data."""
     run_dir = os.path.join(workdir, run["name"])
     if run["text"] == "toy":
-        config, extra = ARM_CONFIG, [f"--config.init_from={base_model}", *(SMOKE_ARM if smoke else [])]
+        config, extra = ARM_CONFIG, [f"--config.init_from={base_model}", *(SMOKE_ARM + SMOKE_THOUGHTS if smoke else [])]
     else:
-        config, extra = CORPUS_CONFIG, ["--config.eval_every=0", *(SMOKE_CORPUS if smoke else [])]
+        config, extra = CORPUS_CONFIG, ["--config.eval_every=0", *(SMOKE_CORPUS + SMOKE_THOUGHTS if smoke else [])]
     train_s = train(config, run_dir, [*run["overrides"], *extra], cache_dir)
     scores = (score_toy if run["text"] == "toy" else score_corpus)(run, run_dir, scoring)
     print(f"[gate_study] {run['name']}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[run["arm"]].items()
