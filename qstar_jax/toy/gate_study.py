@@ -46,7 +46,7 @@ from qstar_jax.models.transformer import forward
 from qstar_jax.toy import gate_report
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics
-from qstar_jax.toy.runs import REPO, export_base, int_list, make_workdir, run_study, train
+from qstar_jax.toy.runs import REPO, export_base, make_workdir, run_study, study_parser, train
 from qstar_jax.toy.study import ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED
 from qstar_jax.training import checkpoint, data
 
@@ -275,14 +275,10 @@ def share_list(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.toy_gate_study", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/gate_study")
-    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated seeds of every arm")
+    parser = study_parser("qstar_jax.toy_gate_study", __doc__.splitlines()[0], "runs/gate_study", "every arm",
+                          "gate-study table", gate_report.DEFAULT_PLOT)
     parser.add_argument("--shares", type=share_list, default=[0.1, 0.2],
                         help="comma-separated shares of positions that think, for the gate and random arms")
-    parser.add_argument("--readme", default="README.md", help="file whose gate-study table to replace ('' = none)")
-    parser.add_argument("--plot", default=gate_report.DEFAULT_PLOT)
-    parser.add_argument("--smoke", action="store_true", help="a miniature for the tests (its numbers mean nothing)")
     return parser.parse_args(argv)
 
 

@@ -34,7 +34,7 @@ from qstar_jax.inference import speed
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy
 from qstar_jax.toy.study import ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED, score_run, summarise
-from qstar_jax.toy.runs import export_base, int_list, make_workdir, run_study, save_figure, train
+from qstar_jax.toy.runs import export_base, make_workdir, run_study, save_figure, study_parser, train
 from qstar_jax.training import checkpoint
 
 NUM_OPS = 3  # a 2-layer model answers 0.27 of 3-op chains without working, all of them with it
@@ -194,14 +194,8 @@ def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.toy_ntp_study", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/toy_ntp_study")
-    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2],
-                        help="comma-separated seeds of the teacher, control and students")
-    parser.add_argument("--readme", default="README.md", help="file whose NTP table to replace ('' = none)")
-    parser.add_argument("--plot", default=DEFAULT_PLOT)
-    parser.add_argument("--smoke", action="store_true", help="a miniature for the tests (its numbers mean nothing)")
-    return parser.parse_args(argv)
+    return study_parser("qstar_jax.toy_ntp_study", __doc__.splitlines()[0], "runs/toy_ntp_study",
+                        "the teacher, control and students", "NTP table", DEFAULT_PLOT).parse_args(argv)
 
 
 @exit_on_user_error

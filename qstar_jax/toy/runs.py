@@ -93,6 +93,19 @@ def publish(results: dict, workdir: str, text: str, readme: str, markers: tuple[
         print(f"plot: {plot_path}")
 
 
+def study_parser(module: str, description: str, workdir: str, seeds_help: str, table: str,
+                 plot_default: str | None, plot_help: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every study takes: --workdir, --seeds, --readme (whose `table` to
+    replace), --plot and --smoke; a study adds its own."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2], help=f"comma-separated seeds of {seeds_help}")
+    parser.add_argument("--readme", default="README.md", help=f"file whose {table} to replace ('' = none)")
+    parser.add_argument("--plot", default=plot_default, help=plot_help)
+    parser.add_argument("--smoke", action="store_true", help="a miniature for the tests (its numbers mean nothing)")
+    return parser
+
+
 def save_figure(fig, title: str, path: str) -> None:
     """A study's plot: titled, laid out and written to `path` (its folder created)."""
     import matplotlib.pyplot as plt

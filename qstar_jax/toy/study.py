@@ -40,7 +40,7 @@ import numpy as np
 from qstar_jax.errors import exit_on_user_error
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
-from qstar_jax.toy.runs import REPO, export_base, int_list, make_workdir, run_study, save_figure, train
+from qstar_jax.toy.runs import REPO, export_base, int_list, make_workdir, run_study, save_figure, study_parser, train
 from qstar_jax.training import checkpoint
 
 BASE_CONFIG = os.path.join(REPO, "experiments", "toy_reasoning_base.py")
@@ -336,16 +336,11 @@ def study(workdir: str, variant_name: str, seeds: list[int], n_aheads: list[int]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.toy_study", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/toy_study")
+    parser = study_parser("qstar_jax.toy_study", __doc__.splitlines()[0], "runs/toy_study",
+                          "the continued-training arms", "toy-study table", None, "default: the variant's, under docs/")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="written",
                         help="written: '---' always opens the working; aside: only some of the time")
-    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2],
-                        help="comma-separated seeds of the continued-training arms")
     parser.add_argument("--n-ahead", type=int_list, help="comma-separated thought lengths (n_ahead); default: the variant's")
-    parser.add_argument("--readme", default="README.md", help="file whose toy-study table to replace ('' = none)")
-    parser.add_argument("--plot", help="default: the variant's, under docs/")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long miniature (for tests)")
     args = parser.parse_args(argv)
     variant = VARIANTS[args.variant]
     args.plot = variant.plot if args.plot is None else args.plot
