@@ -223,9 +223,3 @@ def continuation_decoded(
     steps = continuation_BxM.shape[1]
     return _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, 0.0, thinking, continuation_BxM,
                         think_gate)
-
-
-def continuation_logits(config, qs, params, prompt_BxT, valid_BxT, continuation_BxM, rng, thinking: bool) -> jax.Array:
-    """Next-token logits_BxMxV before each given continuation token (thinking before each)."""
-    return continuation_decoded(config, qs, params, prompt_BxT, valid_BxT, continuation_BxM, rng,
-                                thinking).logits_BxMxV
