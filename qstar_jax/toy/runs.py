@@ -1,5 +1,5 @@
-"""What both toy studies share: a fresh workdir, a training run as a subprocess, the base
-model's export, and publishing results to the README and a plot."""
+"""What the toy studies share: a fresh workdir, a training run as a subprocess, the base
+model's export, their arguments and main, and publishing results to the README and a plot."""
 
 from __future__ import annotations
 
