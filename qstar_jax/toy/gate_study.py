@@ -35,7 +35,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from qstar_jax.errors import UserError, exit_on_user_error
@@ -150,11 +149,10 @@ def score_toy(run: dict, run_dir: str, scoring: dict) -> dict[str, dict]:
             **{share_name("every_gated", at): gated(at) for at in scoring["shares"]}}
 
 
-def corpus_rows(cfg: ml_collections.ConfigDict, tokenizer) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(development, test) halves of the corpus run's held-out documents, as token rows of
-    at most seq_len tokens."""
-    _, held_out = data.split_documents(data.load_documents(cfg.data), cfg.data.eval_documents)
-    rows = [data.encode_document(tokenizer, held_out[i])[:cfg.data.seq_len] for i in range(len(held_out))]
+def corpus_rows(texts: list[str], seq_len: int, tokenizer) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(development, test) halves of the corpus's held-out documents, as token rows of at
+    most seq_len tokens (each run has its own tokenizer)."""
+    rows = [data.encode_document(tokenizer, text)[:seq_len] for text in texts]
     rows = [r for r in rows if len(r) > 1]
     if len(rows) < 2:
         raise UserError(f"the corpus holds out {len(rows)} scorable documents; the study needs at least 2")
@@ -179,7 +177,7 @@ def score_corpus(run: dict, run_dir: str, scoring: dict) -> dict[str, dict]:
     """{arm: held-out NLL per token and share of positions that think} of a corpus run, as
     `score_toy` scores a toy run."""
     config, qs, params, tokenizer = checkpoint.load_for_inference(run_dir)
-    dev, test = corpus_rows(scoring["corpus_cfg"], tokenizer)
+    dev, test = corpus_rows(scoring["corpus_texts"], scoring["corpus_seq_len"], tokenizer)
     score = lambda thinking, gate=None: per_token_nll(config, qs, params, test, tokenizer.pad_id, thinking, gate,  # noqa: E731
                                                       run["seed"])
     kind, share = run["kind"], run["share"]
@@ -188,20 +186,26 @@ def score_corpus(run: dict, run_dir: str, scoring: dict) -> dict[str, dict]:
     if kind == "random":
         return {run["arm"]: {**expected_mix(share, score(True), score(False), ("nll",)), "thinking_share": share}}
     dev_scores = gate_scores(config, qs, params, dev, tokenizer.pad_id)
-    gated = lambda at: {**score(True, threshold_for(at, dev_scores)), "think_gate": threshold_for(at, dev_scores)}  # noqa: E731
+
+    def gated(at: float) -> dict:
+        threshold = threshold_for(at, dev_scores)
+        return {**score(True, threshold), "think_gate": threshold}
+
     if kind == "gate":
         return {run["arm"]: gated(share)}
     return {"every": score(True), **{share_name("every_gated", at): gated(at) for at in scoring["shares"]}}
 
 
-def corpus_config(smoke: bool) -> ml_collections.ConfigDict:
-    """The corpus runs' config with the study's overrides (what their held-out split needs)."""
+def corpus_held_out(smoke: bool) -> tuple[list[str], int]:
+    """(held-out texts, seq_len) of the corpus runs: their config with the study's overrides,
+    read once for every run."""
     from experiments.tiny_cpu import get_config
 
     cfg = get_config()
     if smoke:
         cfg.data.update(default_documents=200, eval_documents=20, seq_len=32)
-    return cfg
+    _, held_out = data.split_documents(data.load_documents(cfg.data), cfg.data.eval_documents)
+    return [held_out[i] for i in range(len(held_out))], cfg.data.seq_len
 
 
 # --------------------------------------------------------------------------------- study
@@ -251,7 +255,9 @@ def study(workdir: str, seeds: list[int], shares: list[float], smoke: bool) -> d
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     base_model = pretrain_base(workdir, cache_dir, smoke)
     count = 40 if smoke else TEST_PROBLEMS
-    scoring = {"items": toy_reasoning.problems(count, TEST_SEED), "corpus_cfg": corpus_config(smoke), "shares": shares,
+    corpus_texts, corpus_seq_len = corpus_held_out(smoke)
+    scoring = {"items": toy_reasoning.problems(count, TEST_SEED), "corpus_texts": corpus_texts,
+               "corpus_seq_len": corpus_seq_len, "shares": shares,
                "dev_items": toy_reasoning.problems(40 if smoke else DEV_PROBLEMS, DEV_SEED)}
     results = {"seeds": seeds, "shares": shares, "test_problems": count, "runs": []}
     for run in study_runs(seeds, shares):
