@@ -13,10 +13,17 @@ from qstar_jax.inference.decode import generate, generate_decoded
 from qstar_jax.method.gate import think_gate_scores
 
 
+def with_layers(config, layers: str):
+    """The config with its layer stack scanned (a loop; decoding runs nn.scan and a stacked
+    cache) or unrolled (decoding runs straight-line layers and per-layer caches)."""
+    return config.replace(scan_unroll=1 if layers == "scanned" else config.num_layers)
+
+
 @pytest.mark.parametrize("thinking", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
-def test_cached_generation_matches_no_cache_reference(thinking, temperature):
-    config = CONFIGS["mistral_window"]
+@pytest.mark.parametrize("layers", ["scanned", "unrolled"])
+def test_cached_generation_matches_no_cache_reference(thinking, temperature, layers):
+    config = with_layers(CONFIGS["mistral_window"], layers)
     params = make_params(config)
     prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, VOCAB - 2)
     rng = jax.random.key(11)
@@ -63,10 +70,11 @@ def gated_params(config, seed=0):
     return qs, params
 
 
-def test_gated_generation_thinks_where_the_gate_says_and_matches_the_reference():
+@pytest.mark.parametrize("layers", ["scanned", "unrolled"])
+def test_gated_generation_thinks_where_the_gate_says_and_matches_the_reference(layers):
     """KV-cache exact with a think gate: a row thinks before a token only where the gate's
     score exceeds the threshold, and tokens and thoughts equal the no-cache reference's."""
-    config = CONFIGS["mistral_window"]
+    config = with_layers(CONFIGS["mistral_window"], layers)
     qs, params = gated_params(config)
     prompt = jax.random.randint(jax.random.key(1), (3, 5), 0, VOCAB - 2)
     valid, rng = jnp.ones(prompt.shape, bool), jax.random.key(11)
@@ -94,3 +102,32 @@ def test_extreme_thresholds_are_always_and_never_thinking():
     np.testing.assert_array_equal(never.tokens_BxM, plain[0])
     assert np.asarray(always.thought_BxM).all() and not np.asarray(never.thought_BxM).any()
     assert (np.asarray(never.thoughts_BxMxS) == -1).all()
+
+
+def _token_loop_inputs(jaxpr, new_tokens: int) -> list:
+    """The loop-invariant inputs (shapes) of the token loop in `jaxpr`: the scan over
+    `new_tokens` steps (a scanned layer stack's scans are over its layers)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and eqn.params["length"] == new_tokens:
+            return [v.aval.shape for v in eqn.invars[:eqn.params["num_consts"]]]
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            found = _token_loop_inputs(sub, new_tokens)
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.mark.parametrize("layers", ["scanned", "unrolled"])
+def test_an_unrolled_layer_stack_enters_the_token_loop_already_sliced(layers):
+    """Decoding an unrolled stack slices each layer weight once per call, outside the token
+    loop (XLA on CPU would otherwise copy every weight at every token, kv_cache.py); a
+    scanned stack keeps its stacked weights (and its loop slices them per layer anyway)."""
+    config = with_layers(CONFIGS["llama"], layers)
+    params = make_params(config)
+    prompt = jnp.zeros((1, 4), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: generate_decoded(config, QS, p, prompt, jnp.ones((1, 4), bool),
+                                                      jax.random.key(0), 5, 0.0, True))(params)
+    shapes = _token_loop_inputs(jaxpr.jaxpr, 5)
+    stacked = params["lm"]["layers"]["gate_proj"]["kernel"].shape  # L x D x F
+    assert (stacked in shapes) == (layers == "scanned")
+    assert (stacked[1:] in shapes) == (layers == "unrolled")

@@ -25,7 +25,7 @@ from qstar_jax.method.gate import think_gate_scores
 from qstar_jax.method.mixing import mix_hidden, thought_embeddings
 from qstar_jax.method.sampling import mask_thought_tokens, sample_tokens
 from qstar_jax.models.config import ModelConfig
-from qstar_jax.models.kv_cache import KVCache, decode_embeddings, embed, init_cache, lm_head
+from qstar_jax.models.kv_cache import KVCache, decode_embeddings, embed, hoist_layers, init_cache, lm_head
 from qstar_jax.models.transformer import Params
 
 REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought steps use 1, 2, ...
@@ -34,6 +34,13 @@ REAL_TOKEN_STREAM = 0  # fold_in index of the real token's uniform; thought step
 def _lm(params: Params) -> Params:
     """The LM's params, from Quiet-STaR params or from a plain LM's own."""
     return params["lm"] if "lm" in params else params
+
+
+def decoding_params(config: ModelConfig, params: Params) -> Params:
+    """`params` (Quiet-STaR's or a plain LM's) with the LM's layer weights in kv_cache's
+    decode-loop form (`hoist_layers`; unchanged for a rolled layer stack). Every decode
+    entry point does this itself; a caller that decodes many times does it once, at load."""
+    return {**params, "lm": hoist_layers(config, params["lm"])} if "lm" in params else hoist_layers(config, params)
 
 
 def think(config: ModelConfig, qs: QuietStarConfig, params: Params, cache: KVCache, key: jax.Array):
@@ -78,17 +85,23 @@ class NextToken(NamedTuple):
     cache: KVCache  # the input cache again (a thought's slots are written, then forgotten)
 
 
-def thought_logits_after(config, qs, params, cache: KVCache, h_base_BxD, key) -> NextToken:
-    """Mixed logits after one thought per row. The thought writes into the cache in place;
-    resetting the slot bookkeeping afterwards (rather than thinking on a copy) keeps the
-    cache a single buffer."""
-    h_thought_BxD, thought_BxS, thought_cache = think(config, qs, params, cache, key)
+def token_key(rng: jax.Array, index: jax.Array) -> jax.Array:
+    """The key of new token `index`: its thought's steps and its own sampling fold into it."""
+    return jax.random.fold_in(rng, index)
+
+
+def thought_logits_after(config, qs, params, cache: KVCache, h_base_BxD, rng, index) -> NextToken:
+    """Mixed logits after one thought per row, before new token `index`. The thought writes
+    into the cache in place; resetting the slot bookkeeping afterwards (rather than
+    thinking on a copy) keeps the cache a single buffer. The key is derived here, so a
+    gated step that does not think does not derive it either (XLA does not sink it)."""
+    h_thought_BxD, thought_BxS, thought_cache = think(config, qs, params, cache, token_key(rng, index))
     cache = forget_after(thought_cache, cache.length, cache.next_position_B)
     logits_BxV = mixed_logits(config, qs, params, h_base_BxD, h_thought_BxD)
     return NextToken(logits_BxV, thought_BxS, jnp.ones(h_base_BxD.shape[:1], bool), cache)
 
 
-def gated_logits(config, qs, params, cache: KVCache, h_base_BxD, key, threshold: float) -> NextToken:
+def gated_logits(config, qs, params, cache: KVCache, h_base_BxD, rng, index, threshold: float) -> NextToken:
     """Thinks only in the rows whose think gate predicts a gain above `threshold`; when no
     row does, no thought is computed at all (the saving), else every row's thought is and
     the others keep their base logits."""
@@ -96,7 +109,7 @@ def gated_logits(config, qs, params, cache: KVCache, h_base_BxD, key, threshold:
     base_BxV = lm_head(config, _lm(params), h_base_BxD)
 
     def with_thought(cache):
-        nxt = thought_logits_after(config, qs, params, cache, h_base_BxD, key)
+        nxt = thought_logits_after(config, qs, params, cache, h_base_BxD, rng, index)
         return (jnp.where(think_B[:, None], nxt.logits_BxV, base_BxV),
                 jnp.where(think_B[:, None], nxt.thought_BxS, -1), nxt.cache)
 
@@ -107,7 +120,7 @@ def gated_logits(config, qs, params, cache: KVCache, h_base_BxD, key, threshold:
     return NextToken(logits_BxV, thought_BxS, think_B, cache)
 
 
-def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, key, thinking: bool,
+def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, rng, index, thinking: bool,
                       think_gate: float | None = None) -> NextToken:
     """Logits for the next real token: base, mixed after one thought, or (with a
     `think_gate` threshold) mixed only where the gate says a thought pays."""
@@ -116,9 +129,9 @@ def next_token_logits(config, qs, params, cache: KVCache, h_base_BxD, key, think
         nxt = NextToken(lm_head(config, _lm(params), h_base_BxD), jnp.zeros((b, 0), jnp.int32),
                         jnp.zeros((b,), bool), cache)
     elif think_gate is None:
-        nxt = thought_logits_after(config, qs, params, cache, h_base_BxD, key)
+        nxt = thought_logits_after(config, qs, params, cache, h_base_BxD, rng, index)
     else:
-        nxt = gated_logits(config, qs, params, cache, h_base_BxD, key, think_gate)
+        nxt = gated_logits(config, qs, params, cache, h_base_BxD, rng, index, think_gate)
     if qs is not None:  # thought tokens are placed, never emitted as text
         nxt = nxt._replace(logits_BxV=mask_thought_tokens(nxt.logits_BxV, qs))
     return nxt
@@ -142,6 +155,7 @@ class Decoded(NamedTuple):
 def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperature, thinking, forced_BxM=None,
                  think_gate: float | None = None) -> Decoded:
     """The generation loop; with `forced_BxM` the real tokens are given (scoring), not sampled."""
+    params = decoding_params(config, params)  # outside the loop: once per call, not per token
     lm = _lm(params)
     thought_slots = qs.n_ahead if thinking else 0
     h_last_BxD, cache = prefill(config, lm, prompt_BxT, valid_BxT, steps + thought_slots)
@@ -149,10 +163,10 @@ def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperat
     def one_token(carry, xs):
         index, forced_B = xs
         cache, h_last_BxD = carry
-        key = jax.random.fold_in(rng, index)
-        nxt = next_token_logits(config, qs, params, cache, h_last_BxD, key, thinking, think_gate)
+        nxt = next_token_logits(config, qs, params, cache, h_last_BxD, rng, index, thinking, think_gate)
         if forced_B is None:
-            token_B = sample_tokens(nxt.logits_BxV, jax.random.fold_in(key, REAL_TOKEN_STREAM), temperature)
+            token_key_ = jax.random.fold_in(token_key(rng, index), REAL_TOKEN_STREAM)
+            token_B = sample_tokens(nxt.logits_BxV, token_key_, temperature)
         else:
             token_B = forced_B
         h_Bx1xD, cache = decode_embeddings(config, lm, embed(config, lm, token_B[:, None]), nxt.cache)

@@ -32,7 +32,7 @@ import numpy as np
 
 from qstar_jax import paths
 from qstar_jax.training.checkpoint import load_for_inference
-from qstar_jax.inference.decode import continuation_decoded, generate_decoded, prompt_room
+from qstar_jax.inference.decode import continuation_decoded, decoding_params, generate_decoded, prompt_room
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.inference.tasks import TASKS, Example, extract_number, load_examples
 
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.checkpoint} has no thought parameters (a plain LM); use --no-think")
     if args.think_gate is not None and not qs.think_gate:
         raise UserError(f"{args.checkpoint} has no think gate (train with --config.quiet_star.think_gate=linear)")
-    evaluator = Evaluator(config, qs, params, tokenizer, args.think, args.think_gate, ThoughtTally())
+    evaluator = Evaluator(config, qs, decoding_params(config, params), tokenizer, args.think, args.think_gate,
+                          ThoughtTally())
     result = evaluate(evaluator, args.task, examples, args.cot_votes, args.cot_tokens, args.seed)
     print(json.dumps(result))
     if args.output:

@@ -51,6 +51,8 @@ class ModelConfig:
     remat: bool = False
     # Layers per iteration of the layer scan: 1 keeps compile time flat in depth; unrolling
     # a shallow model removes the loop's per-layer slicing and stacking (faster on CPU).
+    # Fully unrolled (>= num_layers), decoding also slices each layer weight once per call
+    # rather than per token, at the cost of one copy of the layer weights (kv_cache.py).
     scan_unroll: int = 1
 
     def __post_init__(self):

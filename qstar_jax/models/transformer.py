@@ -292,7 +292,11 @@ class Transformer(nn.Module):
     def transform(self, x_BxTxD: jax.Array, inputs: AttentionInputs, layer_states: Any = None):
         """Runs all layers; returns final-normed hidden states and the stacked per-layer outputs."""
         x_BxTxD, new_layer_states = self.layers(x_BxTxD, layer_states, inputs)
-        return self.final_norm(x_BxTxD), new_layer_states
+        return self.final(x_BxTxD), new_layer_states
+
+    def final(self, x_BxTxD: jax.Array) -> jax.Array:
+        """The final norm alone, for callers that run the layers themselves (kv_cache.py)."""
+        return self.final_norm(x_BxTxD)
 
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
