@@ -15,6 +15,7 @@ import pytest
 
 from test_decode import gated_params
 from test_quiet_star import CONFIGS, VOCAB
+from qstar_jax.inference.speed import paired_speedup
 from qstar_jax.models.transformer import forward
 from qstar_jax.toy import gate_report
 from qstar_jax.toy.runs import read_readme
@@ -92,9 +93,11 @@ def _fake_results(gate_acc: list[float], random_acc: list[float], gate_speed: fl
             runs.append({"text": "corpus", "arm": arm, "seed": seed,
                          "scores": {arm: {"nll": 3.0 - acc / 10, "thinking_share": share[arm]}}})
     speed = {"control": 900.0, "every": 100.0, "gate_0.2": gate_speed}
+    load = [1.0, 0.5, 2.0]  # the machine's speed in each round, which falls on every arm alike
     results = {"runs": runs, "seeds": [0, 1, 2], "shares": [0.2], "test_problems": 500, "wall_s": 600.0,
                "command": "python -m qstar_jax.toy_gate_study",
-               "speed": {a: {"tokens_per_s": s, "thoughts_per_token": 0.1} for a, s in speed.items()}}
+               "speed": {a: {"tokens_per_s": s, "tokens_per_s_runs": [s * f for f in load], "thoughts_per_token": 0.1}
+                         for a, s in speed.items()}}
     results["summary"] = gate_report.aggregate(results)
     results["verdict"] = gate_report.verdict(results)
     return results
@@ -108,6 +111,15 @@ def test_the_verdict_holds_only_when_every_bar_does():
     assert not _fake_results([0.80, 0.82, 0.81], [0.30, 0.28, 0.29], gate_speed=400.0)["verdict"]["0.2"]["holds"]
     close = _fake_results([0.93, 0.70, 0.94], [0.60, 0.90, 0.85], gate_speed=400.0)["verdict"]["0.2"]
     assert close["gate_minus_random_in_std"] < 2 and not close["holds"]
+
+
+def test_speedup_is_the_median_of_the_per_round_ratios():
+    """Rounds are timed back to back, so the ratio within each round is what compares the
+    two; here the ratio of the medians (3.0) would differ from it (4.5)."""
+    fast, slow = {"tokens_per_s_runs": [300.0, 250.0, 900.0]}, {"tokens_per_s_runs": [100.0, 50.0, 200.0]}
+    assert paired_speedup(fast, slow) == pytest.approx(4.5)
+    with pytest.raises(ValueError):
+        paired_speedup(fast, {"tokens_per_s_runs": [100.0]})
 
 
 def test_report_has_a_row_per_arm_and_the_verdict_in_its_caption():

@@ -3,6 +3,7 @@ README tables and the plot (qstar_jax/toy/gate_study.py runs the study)."""
 
 from __future__ import annotations
 
+from qstar_jax.inference.speed import paired_speedup
 from qstar_jax.toy.runs import save_figure
 from qstar_jax.toy.study import summarise
 
@@ -35,12 +36,11 @@ def verdict(results: dict) -> dict:
     thinking share, its speed-up over every-position generation, and whether all of the
     issue's bars hold."""
     toy, out = results["summary"]["toy"], {}
-    every_speed = results["speed"]["every"]["tokens_per_s"]
     for share in results["shares"]:
         gate, rand = toy[f"gate_{share:g}"], toy[f"random_{share:g}"]
         spread = max(gate["accuracy"]["std"], rand["accuracy"]["std"])
         apart = (gate["accuracy"]["mean"] - rand["accuracy"]["mean"]) / spread if spread > 0 else None
-        speedup = results["speed"][f"gate_{share:g}"]["tokens_per_s"] / every_speed
+        speedup = paired_speedup(results["speed"][f"gate_{share:g}"], results["speed"]["every"])
         kept = _kept(toy, f"gate_{share:g}")
         out[f"{share:g}"] = {
             "gate_kept": kept, "random_kept": _kept(toy, f"random_{share:g}"), "gate_minus_random_in_std": apart,

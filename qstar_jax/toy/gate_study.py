@@ -20,7 +20,8 @@ for each share s:
             s * thinking + (1 - s) * plain (exact: the draw is independent of the text).
 Decoding speed (batch 1, greedy, after a toy test question) of the control, the
 every-position arm and each gate arm at its threshold is timed alternately
-(inference/speed.py). Every run is an ordinary `qstar_jax.train` subprocess, so an
+(inference/speed.py); a gate arm's speed-up over every-position thinking is the median
+over rounds of the ratio within a round. Every run is an ordinary `qstar_jax.train` subprocess, so an
 interrupted study resumes; WORKDIR/results.json, the README table and the plot are the
 outputs. docs/method.md ("Think gate") explains the gate; `--smoke` is a miniature for
 the tests (its numbers mean nothing).
@@ -53,6 +54,7 @@ CORPUS_CONFIG = os.path.join(REPO, "experiments", "tiny_cpu.py")
 DEV_SEED = 2  # the toy study's development problems: thresholds are set on them, never on test
 DEV_PROBLEMS = 200
 SPEED_TOKENS = 32
+SPEED_ROUNDS = 41  # a round is ~30 ms here; the speed-up is the median of its per-round ratios
 SMOKE_CORPUS = ["--config.steps=4", "--config.optimizer.total_steps=4", "--config.checkpoint_every=4",
                 "--config.batch_size=4", "--config.data.default_documents=200", "--config.data.eval_documents=20",
                 "--config.data.seq_len=32"]
@@ -243,7 +245,7 @@ def time_generation(workdir: str, results: dict, items) -> dict:
         if run["text"] == "toy" and run["seed"] == results["seeds"][0] and run["kind"] != "random":
             for arm, scores in run["scores"].items():
                 timed[arm] = (os.path.join(workdir, run["name"]), None, scores.get("think_gate"))
-    return speed.generation_speeds(timed, SPEED_TOKENS, items[0].question)
+    return speed.generation_speeds(timed, SPEED_TOKENS, items[0].question, SPEED_ROUNDS)
 
 
 def study(workdir: str, seeds: list[int], shares: list[float], smoke: bool) -> dict:
