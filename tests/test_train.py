@@ -135,9 +135,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_in_lockstep_like_one(tmp_path):
-    """2 local processes (jax.distributed, localhost coordinator) == 1 process with 2 devices."""
-    reference, short = tmp_path / "reference", ["--config.steps=3", "--config.eval_every=0"]
+GATED = ["--config.quiet_star.think_gate=linear", "--config.quiet_star.think_share=0.5"]
+
+
+@pytest.mark.parametrize("selection", ["every", "gated"])
+def test_two_processes_train_in_lockstep_like_one(tmp_path, selection):
+    """2 local processes (jax.distributed, localhost coordinator) == 1 process with 2 devices,
+    thinking at every position or at half of them (chosen by a think gate plus exploration,
+    whose random draws must agree across the processes)."""
+    reference = tmp_path / "reference"
+    short = ["--config.steps=3", "--config.eval_every=0", *(GATED if selection == "gated" else [])]
     assert_ok(run_train(reference, *short, "--config.mesh.data=2", devices=2))
     procs = _two_process_run(tmp_path / "multi", *short)
     for proc in procs:
@@ -146,6 +153,7 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path):
     step_a, params_a = final_params(reference)
     step_b, params_b = final_params(tmp_path / "multi")
     assert step_a == step_b == 3
+    assert ("think_gate" in params_b) == (selection == "gated")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), params_a, params_b)
     assert train_losses(tmp_path / "multi") == pytest.approx(train_losses(reference), rel=1e-5)
 

@@ -110,14 +110,16 @@ def caption(results: dict) -> str:
     for share, v in results["verdict"].items():
         kept = "undefined" if v["gate_kept"] is None else f"{v['gate_kept']:.0%}"
         rand = "undefined" if v["random_kept"] is None else f"{v['random_kept']:.0%}"
-        parts.append(f"at {share}: the gate (thinking at {v['gate_thinking_share']:.1%} of test positions) keeps "
+        parts.append(f"at {share}, the gate (thinking at {v['gate_thinking_share']:.1%} of test positions) keeps "
                      f"{kept} of the every-position accuracy gain over the control, random selection {rand} "
                      f"(gate − random: {_in_std(v['gate_minus_random_in_std'])}), and gated decoding runs "
                      f"{v['speedup_over_every']:.1f}× as fast as every-position thinking")
     return (f"Mean ± std over seeds {', '.join(map(str, results['seeds']))}; {results['test_problems']} held-out "
             f"toy problems (seed 3, thresholds set on development problems, seed 2) and the tiny_cpu corpus's "
             f"held-out documents (thresholds on the first half, scored on the second). Tokens/s: seed "
-            f"{results['seeds'][0]}, batch 1, greedy, after a test question, timed alternately. "
+            f"{results['seeds'][0]}, batch 1, greedy, after a test question; the median of "
+            f"{len(results['speed']['every']['tokens_per_s_runs'])} rounds that time every arm in turn, and a "
+            f"speed-up is the median of the per-round ratios. Per share: "
             + "; ".join(parts) + f". Whole study: {results['wall_s'] / 60:.1f} min on this machine "
             f"(`{results['command']}`).")
 
