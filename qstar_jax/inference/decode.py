@@ -165,8 +165,8 @@ def _decode_loop(config, qs, params, prompt_BxT, valid_BxT, rng, steps, temperat
         cache, h_last_BxD = carry
         nxt = next_token_logits(config, qs, params, cache, h_last_BxD, rng, index, thinking, think_gate)
         if forced_B is None:
-            token_key_ = jax.random.fold_in(token_key(rng, index), REAL_TOKEN_STREAM)
-            token_B = sample_tokens(nxt.logits_BxV, token_key_, temperature)
+            sample_key = jax.random.fold_in(token_key(rng, index), REAL_TOKEN_STREAM)
+            token_B = sample_tokens(nxt.logits_BxV, sample_key, temperature)
         else:
             token_B = forced_B
         h_Bx1xD, cache = decode_embeddings(config, lm, embed(config, lm, token_B[:, None]), nxt.cache)
