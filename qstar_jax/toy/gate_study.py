@@ -21,9 +21,9 @@ for each share s:
 Decoding speed (batch 1, greedy, after a toy test question) of the control, the
 every-position arm and each gate arm at its threshold is timed alternately
 (inference/speed.py); a gate arm's speed-up over every-position thinking is the median
-over rounds of the ratio within a round. Every run is an ordinary `qstar_jax.train` subprocess, so an
-interrupted study resumes; WORKDIR/results.json, the README table and the plot are the
-outputs. docs/method.md ("Think gate") explains the gate; `--smoke` is a miniature for
+over rounds of the ratio within a round. Every run is an ordinary `qstar_jax.train`
+subprocess, so an interrupted study resumes; WORKDIR/results.json, the README table and
+the plot are the outputs. docs/method.md ("Think gate") explains the gate; `--smoke` is a miniature for
 the tests (its numbers mean nothing).
 """
 
