@@ -5,7 +5,10 @@ HF Mistral (bf16 safetensors shards) -> convert straight to the bucket, the corp
 as parquet in the bucket -> train with
 init_from on a (fsdp=8) mesh joined by jax.distributed -> SIGTERM one process: both save
 the same step -> the init_from model is deleted -> resume -> evaluate and generate from
-the bucket. Nothing may land in a local `gs:` directory.
+the bucket, thinking where the think gate says. The run trains with a think gate and
+thinks at half of the positions (gated training), the most state and selection a run can
+have; every-position thinking across processes is `test_train`'s. Nothing may land in a
+local `gs:` directory.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from hf_models import make_tiny_hf_model
 from process_env import forced_devices, without_compilation_cache
 from qstar_jax.training.corpora import arithmetic_problems, default_corpus
 from qstar_jax.tokenizer import load_tokenizer
-from test_train import _free_port
+from test_train import GATED, _free_port
 from tokenizers_local import train_bpe_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +34,8 @@ BUCKET = "qstar-test"
 RUN = "runs/owm"
 MODEL = "models/mistral-7b-v0.1"
 TINY = ["--config.data.seq_len=24", "--config.quiet_star.n_ahead=4", "--config.quiet_star.n_ahead_talk=2",
-        "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0", "--config.eval_tasks="]
+        "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0", "--config.eval_tasks=",
+        *GATED]
 
 
 def _env(env: dict, devices: int) -> dict:
@@ -125,12 +129,14 @@ def test_pod_rehearsal_on_a_bucket(tmp_path):
         assert f"step {step + 2}/{step + 2}" in resumed[0]
 
         workdir = f"gs://{BUCKET}/{RUN}"
+        gate = ["--think-gate", "0"]  # think where the gate predicts any gain
         scores = json.loads(_cli("qstar_jax.evaluate", ["--checkpoint", workdir, "--task", "gsm8k", "--data",
-                                                        str(problems)], env, cwd).stdout.strip().splitlines()[-1])
+                                                        str(problems), *gate], env, cwd).stdout.strip().splitlines()[-1])
         assert scores["examples"] == 2 and 0.0 < scores["soft_score"] <= 1.0
-        text = _cli("qstar_jax.generate", ["--checkpoint", workdir, "--prompt", "Ava has 3 apples.",
-                                           "--max-new-tokens", "4"], env, cwd).stdout
-        assert text.strip()
+        assert scores["think_gate"] == 0 and 0 <= scores["thoughts_per_token"] <= 1
+        generated = _cli("qstar_jax.generate", ["--checkpoint", workdir, "--prompt", "Ava has 3 apples.",
+                                                "--max-new-tokens", "4", *gate], env, cwd)
+        assert generated.stdout.strip() and "thoughts per generated token:" in generated.stderr
 
         names = object_names(env, BUCKET, RUN)
         for expected in ("metrics.jsonl", "model_config.json", "tokenizer/tokenizer.json", "tensorboard/",
@@ -153,6 +159,7 @@ def test_pod_rehearsal_on_a_bucket(tmp_path):
         assert verdict.startswith(victim[len(newest) + 1:] + " does not match its checksum (crc32c:"), verdict
         logged = [json.loads(line) for line in _read(env, f"{RUN}/metrics.jsonl").decode().splitlines()]
         assert max(m["step"] for m in logged) == step + 2
+        assert all("think_gate_loss" in m for m in logged if "loss" in m)  # the gate trained throughout
         assert _tensorboard_losses(env, tmp_path / "tensorboard") == {m["step"]: m["loss"] for m in logged if "loss" in m}
     assert not os.path.exists(cwd / "gs:") and os.listdir(cwd) == []
 
