@@ -110,7 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
     # A resume whose method, data or optimizer settings differ from the checkpoint's is
     # refused (the differences are listed); True continues with the new settings.
     config.allow_config_change = False
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # auto=True: compile the train step for each (data 1, fsdp, tensor) that divides the batch
+    # and the heads and take the lowest per-device peak that fits the device's memory with
+    # 10% free (qstar_jax/training/preflight.py); data/fsdp/tensor are then ignored.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, auto=False))
     config.distributed = ml_collections.ConfigDict(
         dict(mode="auto", coordinator_address="", num_processes=1, process_id=0)  # auto | on | off
     )

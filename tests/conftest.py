@@ -20,6 +20,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Subprocesses keep the flag (tests/process_env.py).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+# libtpu is installed for the TPU-compiler tests (test_tpu_compile.py), and with it every
+# process's first JAX call probes for a TPU (about 2 s, with warnings). The tests compile for
+# TPU topologies explicitly and run on the CPU; subprocesses inherit the setting.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # An implicit broadcast between arrays of different ranks is an error in every test and
 # every subprocess: shapes in this code base say what they are, and broadcasting says so too.
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"

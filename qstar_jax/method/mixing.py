@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.method.gate import with_think_gate
 from qstar_jax.models.config import ModelConfig
-from qstar_jax.models.transformer import Params
+from qstar_jax.models.transformer import Params, init_params
 
 
 class MixingHead(nn.Module):
@@ -80,3 +80,13 @@ def mix_hidden(config: ModelConfig, qs: QuietStarConfig, params: Params, h_base_
     w_x = mixing_head_module(config, qs).apply({"params": params["mixing_head"]}, h_base_xD, h_thought_xD)
     w_xx1 = w_x[..., None].astype(h_base_xD.dtype)
     return (1 - w_xx1) * h_base_xD + w_xx1 * h_thought_xD, w_x.astype(jnp.float32)
+
+
+def params_shape_fn(model_config: ModelConfig, qs: QuietStarConfig | None):
+    """A function whose `jax.eval_shape` is the run's params: the LM, plus thought parts."""
+    def params():
+        lm = init_params(model_config, jax.random.key(0))
+        if qs is None:
+            return lm
+        return init_quiet_star_params(model_config, qs, lm, jnp.zeros((model_config.hidden_size,)), jax.random.key(1))
+    return params

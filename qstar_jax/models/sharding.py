@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -42,10 +43,12 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
-def make_mesh(data: int, fsdp: int, tensor: int) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 (the rest)."""
+def make_mesh(data: int, fsdp: int, tensor: int, devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all of them; abstract TPU
+    devices from `chips.topology_devices` compile for a slice); one size may be -1 (the rest)."""
+    devices = jax.devices() if devices is None else devices
     sizes = [data, fsdp, tensor]
-    count = jax.device_count()
+    count = len(devices)
     if sizes.count(-1) > 1:
         raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
@@ -56,7 +59,46 @@ def make_mesh(data: int, fsdp: int, tensor: int) -> Mesh:
     if int(np.prod(sizes)) != count:
         raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {count}")
     # Auto axes: XLA propagates shardings through the model; only inputs and state are pinned.
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    # Device order follows the TPU torus where each mesh axis is a product of physical axes;
+    # where not (tensor 2 on a v6e-16's 4 x 4), a physical axis is split between mesh axes.
+    axis_types = (jax.sharding.AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def mesh_name(shape: tuple[int, int, int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def dividing_meshes(devices: int, batch: int, heads: int, kv_heads: int) -> list[tuple[int, int, int]]:
+    """Every (data, fsdp, tensor) over `devices` whose data x fsdp divides the batch (each
+    device holds whole sequences) and whose tensor divides the heads and the KV heads (each
+    device holds whole heads), fewest tensor ways first."""
+    found = []
+    for tensor in range(1, devices + 1):
+        if devices % tensor or heads % tensor or kv_heads % tensor:
+            continue
+        rows = devices // tensor
+        found += [(data, rows // data, tensor) for data in range(1, rows + 1) if rows % data == 0 and batch % rows == 0]
+    return found
+
+
+def check_mesh_divides(mesh: Mesh, batch: int, heads: int, kv_heads: int) -> None:
+    """One line naming the meshes that would work, for a mesh that splits a sequence or a
+    head across devices (XLA would fail later with a shape error, or replicate silently)."""
+    shape = tuple(mesh.shape[a] for a in MESH_AXES)
+    rows, tensor = shape[0] * shape[1], shape[2]
+    problems = [f"data x fsdp = {rows} does not divide the batch of {batch}"] if batch % rows else []
+    problems += [f"tensor {tensor} does not divide the {n} {what}" for n, what in
+                 ((heads, "attention heads"), (kv_heads, "KV heads")) if n % tensor]
+    if problems:
+        good = dividing_meshes(mesh.size, batch, heads, kv_heads)
+        offer = (f"meshes (data x fsdp x tensor) of {mesh.size} devices that would: "
+                 f"{', '.join(mesh_name(m) for m in good)}") if good else f"no mesh of {mesh.size} devices would"
+        raise UserError(f"mesh {mesh_name(shape)}: {'; '.join(problems)}; {offer}")
 
 
 def host_mesh() -> Mesh:

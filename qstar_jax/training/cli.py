@@ -21,6 +21,10 @@ _PREFLIGHT = flags.DEFINE_bool("preflight", False, "compile the train step for t
                                "on abstract inputs, report per-device memory, and exit")
 
 
+_TOPOLOGY = flags.DEFINE_string("topology", None, "with --preflight: compile for this TPU slice with the TPU "
+                                "compiler (libtpu), e.g. v5e:8x8, v4:2x2x4 or an accelerator type like v4-32")
+
+
 @exit_on_user_error
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -31,7 +35,9 @@ def main(argv: list[str]) -> None:
         raise UserError("--config experiments/NAME.py is required")
     if not _WORKDIR.value and not _PREFLIGHT.value:
         raise UserError("--workdir DIR is required")
-    train(cfg, _WORKDIR.value, _PREFLIGHT.value)
+    if _TOPOLOGY.value and not _PREFLIGHT.value:
+        raise UserError("--topology compiles for a TPU slice this machine does not have; it needs --preflight")
+    train(cfg, _WORKDIR.value, _PREFLIGHT.value, _TOPOLOGY.value)
 
 
 def _config_file(argv: list[str]) -> str | None:

@@ -158,7 +158,9 @@ def run_chain(cfg: ml_collections.ConfigDict, workdir: str,
     """Runs (or resumes) every stage; `run_stage(cfg, workdir, selection)` trains one run and
     returns False if it was preempted (the chain then stops, to be resumed later)."""
     stages = parse_stages(cfg.curriculum.stages)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    # Only the final export reads params with it; with mesh.auto each stage chooses its own.
+    mesh = sharding.make_mesh(1, -1, 1) if cfg.mesh.auto else sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp,
+                                                                                   cfg.mesh.tensor)
     selection = Selection(cfg.curriculum.metric, cfg.curriculum.mode)
     if selection.mode not in MODES:
         raise UserError(f"curriculum.mode must be 'min' or 'max', got {selection.mode!r}")

@@ -215,16 +215,6 @@ def quiet_star_config(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Q
                           end_token_id=tokenizer.token_id(END_THOUGHT))
 
 
-def params_shape_fn(model_config: ModelConfig, qs: QuietStarConfig | None):
-    """A function whose `jax.eval_shape` is the run's params: the LM, plus thought parts."""
-    def params():
-        lm = init_params(model_config, jax.random.key(0))
-        if qs is None:
-            return lm
-        return init_quiet_star_params(model_config, qs, lm, jnp.zeros((model_config.hidden_size,)), jax.random.key(1))
-    return params
-
-
 def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding, student_vocab: int):
     """The NTP stage's frozen thinking teacher, as `(tokens, segments, rng) -> signal`: NLL_T
     (A x B x N), or for ntp.form "kl" its distribution over the student's vocab (A x B x N x V)."""

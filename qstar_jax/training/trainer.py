@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -23,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qstar_jax import paths
+from qstar_jax import CPU_SCHEDULER_FLAG, paths
 from qstar_jax.errors import UserError
 from qstar_jax.inference.evaluate import Evaluator
 from qstar_jax.method.config import QuietStarConfig
+from qstar_jax.method.mixing import params_shape_fn
 from qstar_jax.models import model_files, sharding
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.tokenizer import Tokenizer
@@ -43,16 +45,14 @@ from qstar_jax.training.hooks import (
     parse_eval_tasks,
 )
 from qstar_jax.training.metrics import MetricsLog, status
-from qstar_jax.training.preflight import preflight
+from qstar_jax.training.preflight import configured_mesh, device_capacity, run_preflight
 from qstar_jax.training.setup import (
     check_method,
-    dataclass_from,
     init_distributed,
     load_base_model,
     load_teacher,
     ntp_config,
     optimizer_config,
-    params_shape_fn,
     prepare_method,
     quiet_star_config,
     resumed_model,
@@ -127,8 +127,10 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
     ntp_config(cfg)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False) -> None:
-    """One training run, or with `curriculum.stages` the whole chain of them."""
+def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False,
+          topology: str | None = None) -> None:
+    """One training run, or with `curriculum.stages` the whole chain of them; with
+    `preflight_only` the memory pre-flight instead (on a TPU `topology`'s abstract chips if given)."""
     check_run_settings(cfg)
     if cfg.profile_steps and paths.is_remote(workdir):
         raise UserError(f"profile_steps writes a local trace; --workdir {workdir} is in a bucket (profile a local run)")
@@ -139,12 +141,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = F
         # JAX keys entries by program, compiler options and versions, so a stale hit cannot happen.
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
     if preflight_only:
-        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        optimizer = make_optimizer(optimizer_config(cfg))
-        model_config = dataclass_from(ModelConfig, cfg.model, vocab_size=cfg.preflight_vocab_size)
-        qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=model_config.vocab_size - 2,
-                            end_token_id=model_config.vocab_size - 1)
-        print(json.dumps(preflight(model_config, qs, optimizer, mesh, cfg)))
+        print(json.dumps(run_preflight(cfg, make_optimizer(optimizer_config(cfg)), topology)))
         return
     if cfg.init_from and not has_started(workdir) and not paths.path(cfg.init_from).is_dir():
         raise UserError(f"init_from directory does not exist: {cfg.init_from} (convert a HF checkpoint with "
@@ -242,14 +239,22 @@ def run_data(cfg: ml_collections.ConfigDict, run: RunStart, train_docs, eval_doc
     return RunData(batches, functools.partial(inputs_at, batches, rng_seed=cfg.seed + 3), eval_batches, shapes)
 
 
-def run_mesh(cfg: ml_collections.ConfigDict):
-    """The configured device mesh, refused where the configured rollout cannot run on it."""
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    if mesh.size > 1 and cfg.method == "quiet_star" and cfg.quiet_star.rollout_impl == "two_pass":
-        # Sharded over 8 forced CPU devices its step deadlocked in XLA:CPU's collectives
-        # (docs/method.md); until that is understood it runs where it was proven.
-        raise UserError(f"quiet_star.rollout_impl='two_pass' runs on one device only, this mesh has {mesh.size}; "
-                        "use rollout_impl='scan'")
+def cpu_collectives_ordered() -> bool:
+    """Whether XLA:CPU runs with the scheduler setting that keeps collectives in one order
+    (set when qstar_jax is imported, unless XLA_FLAGS says otherwise)."""
+    return f"--{CPU_SCHEDULER_FLAG}=false" in os.environ.get("XLA_FLAGS", "")
+
+
+def run_mesh(cfg: ml_collections.ConfigDict, optimizer):
+    """The configured device mesh (or with mesh.auto the chooser's), refused where the
+    configured rollout would deadlock on it."""
+    devices = jax.devices()
+    mesh = configured_mesh(cfg, devices, device_capacity(devices[0]), optimizer)
+    two_pass = cfg.method == "quiet_star" and cfg.quiet_star.rollout_impl == "two_pass"
+    if two_pass and mesh.size > 1 and devices[0].platform == "cpu" and not cpu_collectives_ordered():
+        raise UserError(f"quiet_star.rollout_impl='two_pass' on {mesh.size} CPU devices needs "
+                        f"--{CPU_SCHEDULER_FLAG}=false in XLA_FLAGS (qstar_jax/__init__.py says why); "
+                        "use rollout_impl='scan' or drop your setting")
     return mesh
 
 
@@ -284,13 +289,15 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     With `selection`, every checkpoint carries that evaluation metric and the best one is
     kept whatever `keep_checkpoints` says (a curriculum stage picks it for the next stage).
     """
-    mesh = run_mesh(cfg)
     optimizer = make_optimizer(optimizer_config(cfg))
+    mesh = run_mesh(cfg, optimizer)
     paths.path(workdir).mkdir(parents=True, exist_ok=True)
     train_docs, eval_docs = data.split_documents(data.load_documents(cfg.data), cfg.data.eval_documents)
     ckpt = RunCheckpoints(str(paths.path(workdir) / checkpoint.CHECKPOINTS_DIR), cfg.keep_checkpoints,
                           best_mode=None if selection is None else selection.mode)
     run = start_or_resume(cfg, workdir, mesh, optimizer, ckpt, train_docs)
+    sharding.check_mesh_divides(mesh, cfg.batch_size // cfg.grad_accum, run.model_config.num_heads,
+                                run.model_config.num_kv_heads)
     run_inputs = run_data(cfg, run, train_docs, eval_docs, mesh)
     clock = time.perf_counter()
     step_fn = make_train_step(run.model_config, run.qs, optimizer, ntp_config(cfg) if cfg.method == "ntp" else None,
