@@ -8,6 +8,7 @@
 # gcloud: `--worker=all` fans every remote command out to all workers.
 #
 #   launch/tpu_pod.sh [options] create | setup | run -- TRAIN_ARGS... | logs | stop | delete | watch -- TRAIN_ARGS...
+#   launch/tpu_pod.sh [--accelerator-type TYPE] preflight -- TRAIN_ARGS...
 #
 # Options (each also read from the environment variable in brackets; flags win):
 #   --name NAME               TPU VM name, also the queued-resource id       [TPU_NAME]  (qstar)
@@ -27,6 +28,9 @@
 # per worker in ~/qstar_logs/train-HOSTNAME.log. Checkpoints must be in storage every worker
 # sees, so give a bucket path: --workdir gs://BUCKET/runs/NAME. Rerunning the same command
 # resumes from the newest checkpoint. `stop` sends SIGTERM: the run saves and exits.
+# Without a --config.mesh.* argument `run` and `watch` add --config.mesh.auto=True (the mesh
+# with the lowest per-chip peak that fits). `preflight` runs here, before the slice exists:
+# the TPU compiler's per-chip memory for --accelerator-type, with the same mesh choice.
 # `watch` keeps a spot/preemptible run going: it recreates a preempted slice and reruns.
 set -euo pipefail
 
@@ -146,9 +150,28 @@ train_command() {  # the remote command line that starts training in the backgro
 > $LOG_DIR/train-\$(hostname).log 2>&1 < /dev/null & echo \$! > $LOG_DIR/train.pid)"
 }
 
+# mesh.auto unless the arguments set a mesh: the program compiles the step for each mesh
+# that divides the shapes and trains on the lowest per-chip peak that fits the chips' HBM.
+with_mesh_choice() {
+  local arg
+  for arg in "$@"; do [[ "$arg" == --config.mesh.* ]] && { printf '%s\n' "$@"; return; }; done
+  printf '%s\n' "$@" --config.mesh.auto=True
+}
+
 cmd_run() {
   check_train_args "$@"
-  on_workers all "$(train_command "$@")"
+  local args
+  mapfile -t args < <(with_mesh_choice "$@")
+  on_workers all "$(train_command "${args[@]}")"
+}
+
+# On this machine, before the slice exists: the TPU compiler's per-chip memory for the
+# accelerator type (needs libtpu: pip install libtpu==0.0.42.1; no TPU, no gcloud).
+cmd_preflight() {
+  check_train_args "$@"
+  local args
+  mapfile -t args < <(with_mesh_choice "$@")
+  x env JAX_PLATFORMS=cpu python -m qstar_jax.train --preflight --topology "$ACCELERATOR_TYPE" "${args[@]}"
 }
 
 cmd_logs() { on_workers "$WORKER" "tail -n 200 -F $LOG_DIR/train-*.log"; }
@@ -231,14 +254,14 @@ main() {
     esac
   done
   [[ -n "$command" ]] || { usage >&2; exit 2; }
-  [[ -n "$ZONE" ]] || die "--zone (or ZONE) is required"
+  [[ "$command" == preflight || -n "$ZONE" ]] || die "--zone (or ZONE) is required"
   zone_flags
   case "$command" in
     create | setup | logs | stop | delete)
       ((${#rest[@]} == 0)) || die "$command takes no training arguments"
       "cmd_$command" ;;
-    run | watch) "cmd_$command" ${rest[@]+"${rest[@]}"} ;;
-    *) die "unknown subcommand '$command' (create, setup, run, logs, stop, delete, watch)" ;;
+    run | watch | preflight) "cmd_$command" ${rest[@]+"${rest[@]}"} ;;
+    *) die "unknown subcommand '$command' (create, setup, run, logs, stop, delete, watch, preflight)" ;;
   esac
 }
 

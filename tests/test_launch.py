@@ -93,8 +93,23 @@ def test_run_starts_the_same_training_on_every_worker_with_one_log_each(bare_pat
     start = words.index("python")
     assert words[start - 1] == "(nohup" and words[start:start + 3] == ["python", "-m", "qstar_jax.train"]
     assert words[start + 3:start + 3 + len(TRAIN_ARGS)] == TRAIN_ARGS  # passed through, quoting intact
+    assert words[start + 3 + len(TRAIN_ARGS)] == "--config.mesh.auto=True"  # no mesh given: the chooser's
     assert "> ~/qstar_logs/train-$(hostname).log 2>&1 < /dev/null &" in remote
     assert "echo $! > ~/qstar_logs/train.pid" in remote
+
+
+def test_a_mesh_given_to_run_is_kept_without_the_chooser(bare_path):
+    mesh = ["--config.mesh.fsdp=8", "--config.mesh.tensor=2"]
+    (argv,) = dry_run(bare_path, *COMMON, "run", "--", *TRAIN_ARGS, *mesh)
+    words = shlex.split(ssh_command(argv, "all"))
+    assert words[words.index("python") + 3:][:len(TRAIN_ARGS) + 2] == TRAIN_ARGS + mesh
+    assert "--config.mesh.auto=True" not in words
+
+
+def test_preflight_compiles_here_for_the_accelerator_type_before_the_slice_exists(bare_path):
+    (argv,) = dry_run(bare_path, "--accelerator-type", "v5litepod-64", "preflight", "--", *TRAIN_ARGS)
+    assert argv == ["env", "JAX_PLATFORMS=cpu", "python", "-m", "qstar_jax.train", "--preflight", "--topology",
+                    "v5litepod-64", *TRAIN_ARGS, "--config.mesh.auto=True"]
 
 
 def test_logs_stop_delete(bare_path):

@@ -71,6 +71,13 @@ def test_megacore_generations_are_one_device_per_chip():
     assert len(chips.topology_devices("v5e:2x2")) == 4
 
 
+def test_a_mesh_axis_may_split_a_physical_torus_axis():
+    """tensor 2 on a v6e-16 (4 x 4 chips) is no product of whole torus axes; it still builds."""
+    mesh = sharding.make_mesh(1, 8, 2, devices=chips.topology_devices("v6e:4x4"))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in chips.topology_devices("v6e:4x4"))
+
+
 def test_mesh_chooser_compiles_each_candidate_and_takes_the_lowest_fitting_peak():
     _, _, _, mesh, compiled, tried = chosen_on_v4()
     # tiny_cpu has 2 KV heads: tensor 1 or 2, data 1 (data > 1 only replicates state)
