@@ -595,6 +595,18 @@ def test_preflight_reports_per_device_memory(tmp_path):
 
 
 
+def test_mesh_auto_trains_on_the_mesh_it_chose(tmp_path):
+    """mesh.auto compiles the step on each candidate mesh of the 2 devices (tensor 1 or 2:
+    tiny_cpu has 2 KV heads) and trains on the lowest peak."""
+    result = run_train(tmp_path, "--config.steps=1", "--config.eval_every=0", "--config.mesh.auto=True", devices=2)
+    assert_ok(result)
+    peaks = dict(re.findall(r"mesh (\d+x\d+x\d+): peak ([\d.]+) GiB per device", result.stdout))
+    assert sorted(peaks) == ["1x1x2", "1x2x1"], result.stdout
+    chosen = re.search(r"mesh.auto chose (\d+x\d+x\d+)", result.stdout).group(1)
+    assert float(peaks[chosen]) == min(map(float, peaks.values()))
+    assert sorted(train_losses(tmp_path)) == [1]
+
+
 def test_two_pass_on_cpu_devices_is_refused_with_the_deadlocking_scheduler(tmp_path):
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
     flags = f"{forced_devices(2).replace(f'{flag}=false', '')} {flag}=true"  # the user's own setting
