@@ -132,7 +132,7 @@ def test_a_mesh_that_splits_heads_or_rows_is_refused_naming_the_ones_that_work()
     with pytest.raises(UserError) as e:
         sharding.check_mesh_divides(mesh, batch=4, heads=4, kv_heads=2)
     assert str(e.value) == ("mesh 1x1x4: tensor 4 does not divide the 2 KV heads; meshes (data x fsdp x tensor) of 4 "
-                            "devices that would: 1x4x1, 2x2x1, 4x1x1, 1x2x2, 2x1x2")
+                            "devices that would: 1x4x1, 2x2x1, 4x1x1, 1x2x2, 2x1x2 (or mesh.auto=True)")
 
 
 def preflight_cli(*args: str) -> subprocess.CompletedProcess:
@@ -167,3 +167,21 @@ def test_topology_preflight_prints_the_tpu_report():
                 "compiler_flops_per_chip_loop_bodies_once", "compiler_bytes_accessed_per_chip_loop_bodies_once"):
         assert report[key] > 0, key
     assert report["peak_gb_per_device"] < report["hbm_gb_per_chip"] == 16
+
+
+def test_the_scaling_doc_tables_are_the_plan_results_file_rendered(tmp_path):
+    """docs/scaling.md's TPU tables are written by benchmarks/tpu_plan.py from
+    docs/tpu_plan.json alone: rendering the committed file again changes nothing."""
+    doc = tmp_path / "scaling.md"
+    doc.write_text(open(os.path.join(REPO, "docs", "scaling.md")).read())
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "tpu_plan.py"), "--tables-only",
+                             "--doc", str(doc)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert doc.read_text() == open(os.path.join(REPO, "docs", "scaling.md")).read()
+    with open(os.path.join(REPO, "docs", "tpu_plan.json")) as f:
+        rows = json.load(f)
+    trained = [r for r in rows if r["kind"] == "train" and "error" not in r]
+    assert trained and all(r["compiler"] == "tpu" and r["peak_gb_per_device"] > 0 for r in trained)
+    for r in trained:  # each row's figure is in the table, with its mesh
+        assert f"| {r['mesh']} | **{r['peak_gb_per_device']:.2f}** |" in doc.read_text()

@@ -97,7 +97,8 @@ def check_mesh_divides(mesh: Mesh, batch: int, heads: int, kv_heads: int) -> Non
     if problems:
         good = dividing_meshes(mesh.size, batch, heads, kv_heads)
         offer = (f"meshes (data x fsdp x tensor) of {mesh.size} devices that would: "
-                 f"{', '.join(mesh_name(m) for m in good)}") if good else f"no mesh of {mesh.size} devices would"
+                 f"{', '.join(mesh_name(m) for m in good)} (or mesh.auto=True)") if good else \
+            f"no mesh of {mesh.size} devices would"
         raise UserError(f"mesh {mesh_name(shape)}: {'; '.join(problems)}; {offer}")
 
 
