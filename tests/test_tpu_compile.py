@@ -141,6 +141,10 @@ def preflight_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+# rows of 2048 tokens, 64 of them: the TPU compiler refuses the program instead of reporting a peak
+TOO_BIG_FOR_V5E = ("--config.data.seq_len=2048", "--config.batch_size=64", "--config.model.max_position_embeddings=4096")
+
+
 @pytest.mark.parametrize("args, message", [
     (("--preflight", "--topology", "v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=1",
       "--config.mesh.tensor=4"), "error: mesh 1x1x4: tensor 4 does not divide the 2 KV heads; meshes"),
@@ -149,6 +153,9 @@ def preflight_cli(*args: str) -> subprocess.CompletedProcess:
     (("--preflight", "--topology", "v9:2x2"), "error: unknown TPU topology 'v9:2x2'"),
     (("--preflight", "--topology", "v5e:3x3"), "error: cannot describe TPU topology v5e:3x3: INVALID_ARGUMENT"),
     (("--topology", "v5e:2x2", "--workdir", "unused"), "error: --topology compiles for a TPU slice this machine"),
+    (("--preflight", "--topology", "v5e:2x2", "--config.mesh.auto=True", *TOO_BIG_FOR_V5E),
+     "error: no mesh fits 16.0 GiB per device with 10% free: the train step on mesh 1x4x1 does not fit: "
+     "RESOURCE_EXHAUSTED: Ran out of memory on HBM"),
 ])
 def test_bad_topology_or_mesh_is_one_line(args, message):
     result = preflight_cli(*args)

@@ -109,7 +109,7 @@ def test_sharded_run_matches_single_device(tmp_path, tiny_run, rollout):
     (<= 1e-5 rel). The schedule is the same (total_steps 6), so stopping at 3 changes nothing.
     The one-device run uses the scan rollout; two_pass gives its losses (test_quiet_star holds
     the two equal on one device). With XLA:CPU's concurrency-optimised scheduler on, the
-    two_pass run deadlocks in its collectives at these shapes (qstar_jax/__init__.py)."""
+    two_pass run deadlocks in its collectives at these shapes (qstar_jax/training/trainer.py)."""
     one, _, result = tiny_run
     assert_ok(result)
     assert_ok(run_train(tmp_path, "--config.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=4",
@@ -171,6 +171,14 @@ def _two_process_run(workdir, *overrides):
                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", wait=False)
         for i in range(2)
     ]
+
+
+def test_two_pass_across_processes_on_cpu_is_refused_by_every_process(tmp_path):
+    for proc in _two_process_run(tmp_path, "--config.steps=1", "--config.quiet_star.rollout_impl=two_pass"):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(
+            "error: quiet_star.rollout_impl='two_pass' on the CPU devices of several processes is not supported")
 
 
 def test_locked_workdir_stops_every_process_of_a_multi_process_run(tmp_path):
@@ -608,12 +616,11 @@ def test_mesh_auto_trains_on_the_mesh_it_chose(tmp_path):
 
 
 def test_two_pass_on_cpu_devices_is_refused_with_the_deadlocking_scheduler(tmp_path):
-    flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
-    flags = f"{forced_devices(2).replace(f'{flag}=false', '')} {flag}=true"  # the user's own setting
+    flags = f"{forced_devices(2)} --xla_cpu_enable_concurrency_optimized_scheduler=true"  # the user's own setting
     result = run_train(tmp_path, "--config.steps=1", "--config.quiet_star.rollout_impl=two_pass", devices=2,
                        env_extra={"XLA_FLAGS": flags})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: quiet_star.rollout_impl='two_pass' on 2 CPU devices needs "
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false in XLA_FLAGS (qstar_jax/__init__.py says why); "
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false in XLA_FLAGS (qstar_jax/training/trainer.py says why); "
         "use rollout_impl='scan' or drop your setting")

@@ -18,7 +18,7 @@ from qstar_jax.inference.decode import generate_decoded
 from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.method.mixing import params_shape_fn
 from qstar_jax.models import sharding
-from qstar_jax.models.chips import gib, peak_bytes
+from qstar_jax.models.chips import compiled_or_refused, gib, peak_bytes
 from qstar_jax.models.config import ModelConfig
 
 
@@ -39,7 +39,8 @@ def compile_decode(config: ModelConfig, qs: QuietStarConfig | None, mesh, batch:
                    new_tokens: int, thinking: bool = True):
     """The compiled generation program (thinking before every token when `thinking`)."""
     params, prompt, valid, key = abstract_decode_inputs(config, qs, mesh, batch, prompt_len)
-    return generate_decoded.lower(config, qs, params, prompt, valid, key, new_tokens, 1.0, thinking).compile()
+    lowered = generate_decoded.lower(config, qs, params, prompt, valid, key, new_tokens, 1.0, thinking)
+    return compiled_or_refused(lowered, f"generation of {batch} x ({prompt_len} + {new_tokens}) tokens")
 
 
 def decode_preflight(config: ModelConfig, qs: QuietStarConfig | None, mesh, batch: int, prompt_len: int,

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import re
 
+import jax
 from jax.experimental import topologies
 
 from qstar_jax.errors import UserError
@@ -100,3 +101,19 @@ def peak_bytes(memory) -> int:
 def gib(n_bytes: float) -> float:
     """GiB to 4 significant digits, as every memory report prints them."""
     return float(f"{n_bytes / GiB:.4g}")
+
+
+class DoesNotFit(UserError):
+    """The TPU compiler refused the program: it needs more HBM than a chip has."""
+
+
+def compiled_or_refused(lowered, what: str):
+    """`lowered.compile()`; a program that cannot fit a chip's HBM (the TPU compiler fails
+    with RESOURCE_EXHAUSTED rather than reporting a peak) is one line naming what it needs."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        raise DoesNotFit(f"{what} does not fit: {message}") from None

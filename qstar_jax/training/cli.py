@@ -9,7 +9,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from qstar_jax.errors import UserError, exit_on_user_error
-from qstar_jax.training.trainer import train
+from qstar_jax.training.trainer import order_cpu_collectives, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 
@@ -37,6 +37,7 @@ def main(argv: list[str]) -> None:
         raise UserError("--workdir DIR is required")
     if _TOPOLOGY.value and not _PREFLIGHT.value:
         raise UserError("--topology compiles for a TPU slice this machine does not have; it needs --preflight")
+    order_cpu_collectives(cfg)  # before anything starts a JAX backend
     train(cfg, _WORKDIR.value, _PREFLIGHT.value, _TOPOLOGY.value)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from qstar_jax.errors import UserError
 from qstar_jax.models import chips, sharding
-from qstar_jax.models.chips import Chip, gib, peak_bytes
+from qstar_jax.models.chips import Chip, DoesNotFit, compiled_or_refused, gib, peak_bytes
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.training import flops
@@ -53,7 +53,9 @@ def compile_train_step(model_config: ModelConfig, qs: QuietStarConfig | None, op
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     init = jax.jit(lambda p: init_train_state(p, optimizer, jax.random.key(0)), out_shardings=shardings)
     step = make_train_step(model_config, qs, optimizer, None, shardings, batch_sharding)
-    return Compiled(init.lower(state_in.params).compile(), step.lower(state_in, tokens_in, tokens_in).compile(),
+    where = f"on mesh {sharding.mesh_name(tuple(mesh.shape.values()))}"
+    return Compiled(compiled_or_refused(init.lower(state_in.params), f"state initialisation {where}"),
+                    compiled_or_refused(step.lower(state_in, tokens_in, tokens_in), f"the train step {where}"),
                     state_in)
 
 
@@ -148,7 +150,12 @@ def choose_mesh(devices: list, model_config: ModelConfig, qs: QuietStarConfig | 
     tried, fitting = [], []
     for shape in candidates:
         mesh = sharding.make_mesh(*shape, devices=devices)
-        compiled = compile_train_step(model_config, qs, optimizer, mesh, cfg)
+        try:
+            compiled = compile_train_step(model_config, qs, optimizer, mesh, cfg)
+        except DoesNotFit as e:
+            tried.append({"mesh": sharding.mesh_name(shape), "fits": False, "error": str(e)})
+            status(str(e))
+            continue
         peak = peak_bytes(compiled.step.memory_analysis())
         fits = capacity_bytes is None or peak <= capacity_bytes * (1 - HBM_MARGIN)
         tried.append({"mesh": sharding.mesh_name(shape), "peak_gb_per_device": gib(peak), "fits": fits})
@@ -156,8 +163,9 @@ def choose_mesh(devices: list, model_config: ModelConfig, qs: QuietStarConfig | 
         if fits and (not fitting or peak < fitting[0]):
             fitting = [peak, mesh, compiled]
     if not fitting:
-        raise UserError(f"no mesh fits {gib(capacity_bytes)} GiB per device with {HBM_MARGIN:.0%} free: "
-                        + ", ".join(f"{t['mesh']} peaks at {t['peak_gb_per_device']} GiB" for t in tried))
+        room = f"{gib(capacity_bytes)} GiB per device with {HBM_MARGIN:.0%} free" if capacity_bytes else "the devices"
+        raise DoesNotFit(f"no mesh fits {room}: " + ", ".join(
+            f"{t['mesh']} peaks at {t['peak_gb_per_device']} GiB" if "error" not in t else t["error"] for t in tried))
     return fitting[1], fitting[2], tried
 
 

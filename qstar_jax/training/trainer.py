@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qstar_jax import CPU_SCHEDULER_FLAG, paths
+from qstar_jax import paths
 from qstar_jax.errors import UserError
 from qstar_jax.inference.evaluate import Evaluator
 from qstar_jax.method.config import QuietStarConfig
@@ -239,10 +239,38 @@ def run_data(cfg: ml_collections.ConfigDict, run: RunStart, train_docs, eval_doc
     return RunData(batches, functools.partial(inputs_at, batches, rng_seed=cfg.seed + 3), eval_batches, shapes)
 
 
-def cpu_collectives_ordered() -> bool:
-    """Whether XLA:CPU runs with the scheduler setting that keeps collectives in one order
-    (set when qstar_jax is imported, unless XLA_FLAGS says otherwise)."""
-    return f"--{CPU_SCHEDULER_FLAG}=false" in os.environ.get("XLA_FLAGS", "")
+# XLA:CPU's concurrency-optimised scheduler lets the CPU "devices" of one process issue
+# independent collectives in different orders: a sharded two_pass step (8 CPU devices, data 2
+# x fsdp 4) deadlocked on an all-reduce over 4 devices against a collective-permute over 8 in
+# each of 7 runs with it on, and gave one device's losses in each of 4 with it off. Across
+# processes (gloo) the opposite held: with it off, the 2-process pod rehearsal (scan rollout)
+# hung at its first step. So it is turned off for single-process two_pass runs only.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def two_pass_run(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.method == "quiet_star" and cfg.quiet_star.rollout_impl == "two_pass"
+
+
+def order_cpu_collectives(cfg: ml_collections.ConfigDict) -> None:
+    """For a single-process two_pass run, XLA_FLAGS turns the scheduler off (unless XLA_FLAGS
+    sets it already). Call before JAX starts a backend: XLA reads its flags once."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if two_pass_run(cfg) and cfg.distributed.mode != "on" and CPU_SCHEDULER_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}=false".strip()
+
+
+def check_two_pass_mesh(cfg: ml_collections.ConfigDict, mesh) -> None:
+    """two_pass on several CPU devices runs in one process with the scheduler off, or not at all."""
+    if not two_pass_run(cfg) or mesh.size == 1 or mesh.devices.flat[0].platform != "cpu":
+        return
+    if jax.process_count() > 1:
+        raise UserError("quiet_star.rollout_impl='two_pass' on the CPU devices of several processes is not "
+                        "supported (its XLA:CPU setting hangs multi-process runs); use rollout_impl='scan'")
+    if f"{CPU_SCHEDULER_FLAG}=false" not in os.environ.get("XLA_FLAGS", ""):
+        raise UserError(f"quiet_star.rollout_impl='two_pass' on {mesh.size} CPU devices needs "
+                        f"{CPU_SCHEDULER_FLAG}=false in XLA_FLAGS (qstar_jax/training/trainer.py says why); "
+                        "use rollout_impl='scan' or drop your setting")
 
 
 def run_mesh(cfg: ml_collections.ConfigDict, optimizer):
@@ -250,11 +278,7 @@ def run_mesh(cfg: ml_collections.ConfigDict, optimizer):
     configured rollout would deadlock on it."""
     devices = jax.devices()
     mesh = configured_mesh(cfg, devices, device_capacity(devices[0]), optimizer)
-    two_pass = cfg.method == "quiet_star" and cfg.quiet_star.rollout_impl == "two_pass"
-    if two_pass and mesh.size > 1 and devices[0].platform == "cpu" and not cpu_collectives_ordered():
-        raise UserError(f"quiet_star.rollout_impl='two_pass' on {mesh.size} CPU devices needs "
-                        f"--{CPU_SCHEDULER_FLAG}=false in XLA_FLAGS (qstar_jax/__init__.py says why); "
-                        "use rollout_impl='scan' or drop your setting")
+    check_two_pass_mesh(cfg, mesh)
     return mesh
 
 
