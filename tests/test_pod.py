@@ -63,6 +63,8 @@ class Pod:
                 f"--config.init_from=gs://{BUCKET}/{MODEL}", f"--config.data.path={data_dir}", *TINY,
                 # The schedule stays that of 400 steps: a resume may stop earlier, not change it.
                 f"--config.steps={steps}", "--config.optimizer.total_steps=400", "--config.distributed.mode=on",
+                # the config's two_pass is refused across CPU processes (training/trainer.py)
+                "--config.quiet_star.rollout_impl=scan",
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
         self.logs = [(logs / f"out{i}.log", logs / f"err{i}.log") for i in range(2)]
         self.procs = []
