@@ -1,6 +1,6 @@
 """Compiled for TPUs without a TPU: the real TPU compiler (libtpu) on abstract slices.
 
-A tiny model's train step and thinking decode step compile for two small topologies
+A tiny model's train step (scan and two_pass rollouts) and thinking decode step compile for two small topologies
 (v4:2x2x1, whose megacore chips are one device each, and v5e:2x2); the compiled programs'
 input shardings give each chip its share of the parameters, the pre-flight reports a peak
 under the chip's HBM, the mesh chooser picks the lowest fitting peak, and a mesh or slice
@@ -100,8 +100,9 @@ def test_train_step_compiles_for_v4_with_each_chip_holding_its_share():
     assert report["estimate_roofline_step_s"] > 0 and 0 < report["estimate_roofline_mfu"] <= 1
 
 
-def test_train_step_compiles_for_v5e_on_a_tensor_mesh():
+def test_two_pass_train_step_compiles_sharded_for_v5e_on_a_tensor_mesh():
     cfg = small_config()
+    cfg.quiet_star.rollout_impl = "two_pass"  # the 7B configs' rollout
     model_config, qs = preflight.configured_shapes(cfg)
     mesh = sharding.make_mesh(1, 2, 2, devices=chips.topology_devices("v5e:2x2"))
     optimizer = make_optimizer(optimizer_config(cfg))
