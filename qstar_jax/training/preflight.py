@@ -75,7 +75,7 @@ def memory_report(compiled: Compiled) -> dict[str, float]:
     }
 
 
-def chip_report(compiled: Compiled, chip: Chip, chips: int, model_config: ModelConfig, qs: QuietStarConfig | None,
+def chip_report(compiled: Compiled, chip: Chip, n_chips: int, model_config: ModelConfig, qs: QuietStarConfig | None,
                 cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The step against one TPU chip: HBM capacity, the compiler's cost analysis and a
     roofline estimate.
@@ -95,7 +95,7 @@ def chip_report(compiled: Compiled, chip: Chip, chips: int, model_config: ModelC
     else:
         counted = flops.step_flops(model_config, qs, batch, seq)
         model, executed = counted["model_flops_per_step"], counted["executed_flops_per_step"]
-    compute_s = executed / (chips * chip.peak_bf16_flops)
+    compute_s = executed / (n_chips * chip.peak_bf16_flops)
     step_s = max(compute_s, float(cost.get("bytes accessed", 0.0)) / chip.hbm_bytes_per_s)
     return {
         "chip": chip.name,
@@ -107,7 +107,7 @@ def chip_report(compiled: Compiled, chip: Chip, chips: int, model_config: ModelC
         "model_flops_per_step": float(model),
         "executed_flops_per_step": float(executed),
         "estimate_roofline_step_s": float(f"{step_s:.4g}"),
-        "estimate_roofline_mfu": round(model / (step_s * chips * chip.peak_bf16_flops), 3),
+        "estimate_roofline_mfu": round(model / (step_s * n_chips * chip.peak_bf16_flops), 3),
     }
 
 
