@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import ml_collections
 import numpy as np
 import pytest
 
+from qstar_jax.data import main as data_main
 from qstar_jax.training import data
 from qstar_jax.training import corpora
 from qstar_jax.errors import UserError
@@ -84,11 +86,95 @@ def test_c4_json_gz_becomes_parquet(tmp_path):
         with gzip.open(tmp_path / "c4-json" / "en" / f"c4-train.{shard:05d}-of-01024.json.gz", "wt") as f:
             for text in texts[shard * 15 : (shard + 1) * 15]:
                 f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://x.org"}) + "\n")
-    data.main(["--to-parquet", str(tmp_path / "c4-json" / "en"), "--output", str(tmp_path / "c4")])
+    data_main(["--to-parquet", str(tmp_path / "c4-json" / "en"), "--output", str(tmp_path / "c4")])
     written = sorted(p.name for p in (tmp_path / "c4").iterdir())
     assert written == ["c4-train.00000-of-01024.parquet", "c4-train.00001-of-01024.parquet"]
     assert pq.ParquetFile(tmp_path / "c4" / written[0]).metadata.num_rows == 15
     assert _all(data.load_documents(config(path=str(tmp_path / "c4")))) == texts
+
+
+def _jsonl(path, texts, extra_line=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": text}) for text in texts] + ([extra_line] if extra_line else [])
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _data_main_error(capsys, *argv) -> str:
+    """The one stderr line of a refused `python -m qstar_jax.data` run (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        data_main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _tree(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_to_parquet_keeps_same_named_files_of_sub_folders_apart(tmp_path, capsys):
+    """C4's en/ and realnewslike/ hold files of one name: each keeps its own output (the
+    sub-folder mirrored), and every document reported written is there to read."""
+    _jsonl(tmp_path / "c4" / "en" / "c4-train.00000.jsonl", ["en one", "en two"])
+    _jsonl(tmp_path / "c4" / "realnewslike" / "c4-train.00000.jsonl", ["news one"])
+    data_main(["--to-parquet", str(tmp_path / "c4"), "--output", str(tmp_path / "out")])
+    assert "wrote 3 documents" in capsys.readouterr().out
+    assert sorted(_tree(tmp_path / "out")) == ["en/c4-train.00000.parquet", "realnewslike/c4-train.00000.parquet"]
+    assert _all(data.load_documents(config(path=str(tmp_path / "out")))) == ["en one", "en two", "news one"]
+
+    # Two inputs one folder apart by suffix only would write one file: refused, naming both.
+    with gzip.open(tmp_path / "c4" / "en" / "c4-train.00000.json.gz", "wt") as f:
+        f.write(json.dumps({"text": "gzipped"}) + "\n")
+    err = _data_main_error(capsys, "--to-parquet", str(tmp_path / "c4"), "--output", str(tmp_path / "out2"))
+    assert "c4-train.00000.json.gz and " in err and "c4-train.00000.jsonl would both be written to" in err, err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_to_parquet_stopped_by_a_bad_line_writes_nothing(tmp_path, capsys):
+    """A bad line in the second file: neither the first file's output nor a partial second
+    one is left (no parquet that looks whole, no temporary file, no new directory); with
+    --overwrite into a directory of earlier outputs, those stay as they were."""
+    _jsonl(tmp_path / "src" / "a.jsonl", [f"good {i}" for i in range(5)])
+    _jsonl(tmp_path / "src" / "sub" / "b.jsonl", ["fine", "also fine"], extra_line='{"text": "cut sh')
+    err = _data_main_error(capsys, "--to-parquet", str(tmp_path / "src"), "--output", str(tmp_path / "out"))
+    assert "sub/b.jsonl:3 is not valid JSON" in err, err
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "a.parquet").write_bytes(b"an earlier output")
+    (tmp_path / "old" / "notes.txt").write_text("not ours")
+    before = _tree(tmp_path / "old")
+    _data_main_error(capsys, "--to-parquet", str(tmp_path / "src"), "--output", str(tmp_path / "old"), "--overwrite")
+    assert _tree(tmp_path / "old") == before and not (tmp_path / "old" / "sub").exists()
+
+    _jsonl(tmp_path / "src" / "sub" / "b.jsonl", ["fine", "also fine"])
+    data_main(["--to-parquet", str(tmp_path / "src"), "--output", str(tmp_path / "old"), "--overwrite"])
+    assert sorted(_tree(tmp_path / "old")) == ["a.parquet", "notes.txt", "sub/b.parquet"]
+    assert (tmp_path / "old" / "notes.txt").read_text() == "not ours"  # --overwrite replaces only what it writes
+    assert _all(data.load_documents(config(path=str(tmp_path / "old" / "a.parquet")))) == [f"good {i}" for i in range(5)]
+
+
+def test_outputs_are_replaced_only_with_overwrite(tmp_path, capsys):
+    _jsonl(tmp_path / "src" / "a.jsonl", ["new text"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.parquet").write_bytes(b"an earlier output")
+    err = _data_main_error(capsys, "--to-parquet", str(tmp_path / "src"), "--output", str(tmp_path / "out"))
+    assert err == f"error: --output {tmp_path / 'out'} is not empty; pass --overwrite to replace the files written there"
+    assert (tmp_path / "out" / "a.parquet").read_bytes() == b"an earlier output"
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("mine\n")
+    err = _data_main_error(capsys, "--write-problems", str(problems), "--count", "3")
+    assert err == f"error: {problems} exists; pass --overwrite to replace it"
+    assert problems.read_text() == "mine\n"
+    data_main(["--write-problems", str(problems), "--count", "3", "--overwrite"])
+    assert len(problems.read_text().splitlines()) == 3
+
+    with pytest.raises(SystemExit):
+        data_main(["--help"])
+    assert "--overwrite" in capsys.readouterr().out
 
 
 def test_bad_data_is_one_clear_error(tmp_path):
@@ -115,9 +201,9 @@ def test_bad_data_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"z.txt is not UTF-8 text \(byte 3: invalid continuation byte\)"):
         documents[0]
     with pytest.raises(UserError, match="--to-parquet source does not exist"):
-        data.to_parquet(str(tmp_path / "nope"), str(tmp_path / "out"))
+        data_main.__wrapped__(["--to-parquet", str(tmp_path / "nope"), "--output", str(tmp_path / "out")])
     with pytest.raises(UserError, match="--to-parquet needs --output"):
-        data.main.__wrapped__(["--to-parquet", str(tmp_path)])
+        data_main.__wrapped__(["--to-parquet", str(tmp_path)])
 
 
 def test_tfds_source(tmp_path):
@@ -204,7 +290,7 @@ def test_held_out_problems_are_gsm8k_records(tmp_path):
     from qstar_jax.inference.tasks import load_examples
 
     path = tmp_path / "problems.jsonl"
-    data.main(["--write-problems", str(path), "--count", "20", "--seed", "7"])
+    data_main(["--write-problems", str(path), "--count", "20", "--seed", "7"])
     examples = load_examples("gsm8k", str(path))
     assert len(examples) == 20
     for example, problem in zip(examples, corpora.arithmetic_problems(20, seed=7)):

@@ -168,9 +168,9 @@ def _abstract_params(config: ModelConfig) -> Params:
 # ---------------------------------------------------------------------------- load / save
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on the JSON header
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                      "BOOL": np.bool_}
+# Floating weights only: an integer tensor (a quantised or damaged checkpoint) would be cast
+# to float without a word and give a model of nonsense.
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
 class SafetensorsFile:
@@ -195,7 +195,15 @@ class SafetensorsFile:
         self.data_start = 8 + size
         header.pop("__metadata__", None)
         self.header = header
+        self._check_dtypes()
         self._check_size(paths.path(file).stat().length - self.data_start)
+
+    def _check_dtypes(self) -> None:
+        """Every tensor's dtype is checked when the file is opened, before anything is converted."""
+        for name, info in self.header.items():
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                raise UserError(f"{self.file}: tensor {name} has dtype {info.get('dtype')}; only floating-point "
+                                f"weights ({', '.join(SAFETENSORS_DTYPES)}) are read, not cast from another dtype")
 
     def _check_size(self, data_bytes: int) -> None:
         """A file cut short (an interrupted download) would fail at the first tensor past the
@@ -210,9 +218,7 @@ class SafetensorsFile:
 
     def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
         info = self.header[name]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise UserError(f"tensor {name} in {self.file} has unsupported dtype {info['dtype']}")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if paths.is_remote(self.file):
@@ -366,7 +372,8 @@ def hf_model_items(path: str, param_dtype: str = "float32") -> tuple[ModelConfig
 
 
 def save_hf_model(config: ModelConfig, params: Params, path: str, dtype: str | None = None) -> None:
-    """Writes `config.json` + `model.safetensors` that transformers' `from_pretrained` loads."""
+    """Writes `config.json` + `model.safetensors` that transformers' `from_pretrained` loads;
+    the config last, so a directory cut short on a bucket is no checkpoint to any reader."""
     dtype = dtype or config.param_dtype
     tensors: dict[str, np.ndarray] = {}
     for hf_name, path_, transform, per_layer in _entries(config, params):

@@ -88,19 +88,20 @@ def save_model(directory: str, config: ModelConfig, params: Params | Iterable[tu
     items = param_items(params) if isinstance(params, dict) else params
     with ocp.StandardCheckpointer() as checkpointer:
         for path, layer, array in items:
-            checkpointer.save(paths.absolute(params_dir / item_name(path, layer)), {"value": array})
+            checkpointer.save(paths.orbax_path(params_dir / item_name(path, layer)), {"value": array})
             checkpointer.wait_until_finished()
     save_model_files(directory, config, tokenizer)
 
 
 def save_model_files(directory: str, config: ModelConfig, tokenizer: Tokenizer | None) -> None:
     """The config and tokenizer beside params or training checkpoints (tools read them);
-    written by process 0 only."""
+    written by process 0 only. The config goes last: `is_model_dir` looks for it, so a
+    directory cut short (on a bucket, written in place) is never taken for a model."""
     if not paths.is_writer():
         return
-    config.save(str(paths.path(directory) / MODEL_CONFIG_FILE))
     if tokenizer is not None:
         tokenizer.save(str(paths.path(directory) / TOKENIZER_DIR))
+    config.save(str(paths.path(directory) / MODEL_CONFIG_FILE))
 
 
 def is_model_dir(directory: str) -> bool:
@@ -133,7 +134,7 @@ def load_model(directory: str, mesh: Mesh | None = None, param_dtype: str | None
             if name not in saved:
                 raise UserError(f"params in {directory} do not match its model config: no parameter {name}")
             try:
-                return checkpointer.restore(paths.absolute(params_dir / name), {"value": target})["value"]
+                return checkpointer.restore(paths.orbax_path(params_dir / name), {"value": target})["value"]
             except ValueError as e:  # orbax reports shape mismatches as ValueError
                 raise UserError(f"params in {directory} do not match its model config: {name}: "
                                 f"{str(e).splitlines()[0]}") from e

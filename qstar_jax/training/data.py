@@ -5,9 +5,10 @@ read whole:
   * "default": a corpus the repo generates deterministically (`default_corpus`), so the
     main command needs no download;
   * "files": a directory (or one file) of `.parquet` files with a text column (how the
-    HF hub ships OpenWebMath; `python -m qstar_jax.data to-parquet` writes C4's json.gz
-    the same way), read row group by row group; `.txt` files, one document each, read
-    on demand; `.jsonl` files (a text field), read whole, for small corpora;
+    HF hub ships OpenWebMath; `python -m qstar_jax.data --to-parquet`, in
+    training/prepare_data.py, writes C4's json.gz the same way), read row group by row
+    group; `.txt` files, one document each, read on demand; `.jsonl` files (a text field),
+    read whole, for small corpora;
   * "toy_reasoning": chained arithmetic with the working written out or left implicit
     (toy/reasoning.py; the miniature replication of docs/toy_experiment.md);
   * "tfds": a tensorflow-datasets dataset by name, already prepared in `data_dir`, read
@@ -38,10 +39,10 @@ import grain
 import numpy as np
 
 from qstar_jax import paths
-from qstar_jax.errors import UserError, exit_on_user_error
+from qstar_jax.errors import UserError
 from qstar_jax.tokenizer import Tokenizer
 from qstar_jax.toy import reasoning as toy_reasoning
-from qstar_jax.training.corpora import arithmetic_problems, default_corpus
+from qstar_jax.training.corpora import default_corpus
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # ------------------------------------------------------------------------ default corpus
@@ -289,7 +290,7 @@ class Rows:
         return Row(tokens_N, segments_N)
 
 
-# ---------------------------------------------------------------------- C4 -> parquet
+# ------------------------------------------------------------------------- JSON lines
 
 
 def json_lines(path: paths.Path) -> Iterator[tuple[int, object]]:
@@ -307,62 +308,3 @@ def json_lines(path: paths.Path) -> Iterator[tuple[int, object]]:
                     yield line_number, json.loads(text)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
-
-
-def to_parquet(source: str, output: str, text_field: str = "text", rows_per_group: int = 1000) -> int:
-    """Rewrites every `.json.gz`/`.jsonl` file under `source` as a parquet file (the text
-    column, row groups of `rows_per_group`) under `output`, one file at a time in bounded
-    memory. Returns the number of documents written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = paths.path(source)
-    if not root.exists():
-        raise UserError(f"--to-parquet source does not exist: {source}")
-    files = [root] if root.is_file() else [f for f in paths.files_under(root)
-                                            if f.name.endswith((".json.gz", ".jsonl"))]
-    if not files:
-        raise UserError(f"no .json.gz/.jsonl files under {source}")
-    schema = pa.schema([(text_field, pa.string())])
-    total = 0
-    for file in files:
-        name = file.name.removesuffix(".gz").removesuffix(".json").removesuffix(".jsonl") + ".parquet"
-        target = paths.path(output) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("wb") as sink, pq.ParquetWriter(sink, schema) as writer:
-            batch: list[str] = []
-            for line_number, record in json_lines(file):
-                batch.append(record_text(record, text_field, file, line_number))
-                if len(batch) == rows_per_group:
-                    writer.write_table(pa.table({text_field: batch}, schema=schema))
-                    total, batch = total + len(batch), []
-            if batch:
-                writer.write_table(pa.table({text_field: batch}, schema=schema))
-                total += len(batch)
-    return total
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    """Data preparation: held-out arithmetic problems as GSM8K-format JSONL (for
-    qstar_jax.evaluate), or JSON-lines corpora (C4's json.gz) rewritten as parquet."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.data", description=main.__doc__)
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--write-problems", metavar="FILE")
-    action.add_argument("--to-parquet", metavar="SOURCE", help="a .json.gz/.jsonl file or a directory of them")
-    parser.add_argument("--output", metavar="DIR", help="--to-parquet: the directory the parquet files go to")
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1, help="the training corpus uses data.default_seed (0)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.to_parquet:
-        if not args.output:
-            raise UserError("--to-parquet needs --output DIR")
-        count = to_parquet(args.to_parquet, args.output, args.text_field)
-        print(f"wrote {count} documents to {args.output}")
-        return
-    paths.write_text(args.write_problems,
-                     "".join(json.dumps(problem) + "\n" for problem in arithmetic_problems(args.count, args.seed)))
