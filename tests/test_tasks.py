@@ -119,3 +119,58 @@ def test_tfds_task_source(tmp_path):
     assert by_goal["Q: Goal 1"].prompt == "Q: Goal 1\n(A) do it\n(B) do not\nA:"
     with pytest.raises(UserError, match="is not prepared"):
         load_examples("piqa", "tfds:tiny_piqa/validation", data_dir=str(tmp_path / "elsewhere"))
+
+
+BAD_VALUES = [  # (task, fields replaced in a good record, what the one-line error says about it)
+    ("piqa", {"label": -1}, "label must be an int from 0 to 1, got -1 (an unlabelled row, as test splits have"),
+    ("piqa", {"label": 2}, "label must be an int from 0 to 1, got 2"),
+    ("piqa", {"label": "1"}, "label must be an int from 0 to 1, got '1'"),
+    ("piqa", {"label": 1.0}, "label must be an int from 0 to 1, got 1.0"),
+    ("piqa", {"label": True}, "label must be an int from 0 to 1, got True"),
+    ("piqa", {"goal": None}, "goal must be text, got None"),
+    ("siqa", {"label": 2}, 'label must be the text "1", "2", "3" (1-based), got 2'),
+    ("siqa", {"label": "0"}, 'label must be the text "1", "2", "3" (1-based), got \'0\''),
+    ("siqa", {"label": "-1"}, "got '-1' (an unlabelled row"),
+    ("csqa", {"answerKey": ""}, "answerKey must be one of the choice labels A, B, C, D, E, got '' (an unlabelled row"),
+    ("csqa", {"answerKey": 0}, "answerKey must be one of the choice labels A, B, C, D, E, got 0"),
+    ("csqa", {"question": {"stem": "?", "choices": [{"label": "A", "text": "x"}, {"label": "A", "text": "y"}]}},
+     "choice labels must be distinct letters, got ['A', 'A']"),
+    ("csqa", {"question": {"stem": "?", "choices": [{"label": c, "text": c} for c in "ABCDEF"]}},
+     "6 choices; the prompt letters 2 to 5"),
+    ("gsm8k", {"answer": 42}, "answer must be text, got 42"),
+    ("gsm8k", {"answer": "7"}, "answer has no '#### N'"),
+]
+
+
+@pytest.mark.parametrize("task,fields,message", BAD_VALUES)
+def test_a_label_of_the_wrong_type_or_range_is_refused_naming_file_and_line(task, fields, message, tmp_path):
+    """Before, int(-1) picked the last choice (Python's negative indexing), int("1"), 1.0 and
+    True were converted, SIQA's "0" meant the last answer: unscoreable rows got scored."""
+    path = write_jsonl(tmp_path / "d.jsonl", [RECORDS[task], {**RECORDS[task], **fields}])
+    with pytest.raises(UserError) as error:
+        load_examples(task, path)
+    prefix = f"{path}:2 is not in the {task} format: "
+    assert str(error.value).startswith(prefix) and message in str(error.value), str(error.value)
+
+
+def test_a_negative_limit_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"the example limit must be >= 0 \(0 = all\), got -1"):
+        load_examples("piqa", write_jsonl(tmp_path / "d.jsonl", [RECORDS["piqa"]] * 3), limit=-1)
+
+
+def test_tfds_rows_without_a_label_are_refused(tmp_path):
+    """tfds marks an unlabelled row (a test split) with ClassLabel -1; it names the row."""
+    from tfds_local import TinyPiqa, prepare
+
+    class UnlabelledPiqa(TinyPiqa):
+        def _split_generators(self, dl_manager):
+            return {"test": self._unlabelled()}
+
+        def _unlabelled(self):
+            for i in range(2):
+                yield i, {"goal": f"Goal {i}", "sol1": "do it", "sol2": "do not", "label": -1}
+
+    prepare(UnlabelledPiqa, str(tmp_path))
+    with pytest.raises(UserError, match=r"^tfds:unlabelled_piqa/test\[0\] is not in the piqa format: label must be "
+                                        r"an int from 0 to 1, got -1 \(an unlabelled row"):
+        load_examples("piqa", "tfds:unlabelled_piqa/test", data_dir=str(tmp_path))

@@ -26,12 +26,25 @@ from qstar_jax import paths
 from qstar_jax.training.checkpoint import load_for_inference
 from qstar_jax.training.data import file_documents
 from qstar_jax.errors import UserError, exit_on_user_error
+from qstar_jax.inference.generate import int64_seed
 from qstar_jax.method.rollout import rollout
+
+
+def analysis_config(qs):
+    """One thought at every position, judged on the next token alone."""
+    return qs.replace(n_passes=1, n_ahead_talk=1, think_share=1.0)
+
+
+def longest_seq_len(config, qs) -> int:
+    """The longest --seq-len whose thoughts stay inside the model's context: the thought
+    after the last token (position seq_len - 1) takes the next n_steps positions (`rollout`);
+    past max_position_embeddings positions leave what the model was trained on."""
+    return config.max_position_embeddings - analysis_config(qs).n_steps
 
 
 def token_gains(config, qs, params, tokens_1xN: np.ndarray, seed: int):
     """(base_nll_N, gain_N, valid_N, thoughts_NxS) for one sequence; entry j is about x_{j+1}."""
-    qs1 = qs.replace(n_passes=1, n_ahead_talk=1, think_share=1.0)  # a thought at every position
+    qs1 = analysis_config(qs)
     tokens = jnp.asarray(tokens_1xN)
     r = jax.jit(rollout, static_argnums=(0, 1))(config, qs1, params, tokens, jnp.ones(tokens.shape, bool),
                                                   jax.random.key(seed))
@@ -108,16 +121,20 @@ def analyze(checkpoint: str, data: str, output: str, seq_len: int, max_documents
     config, qs, params, tokenizer = load_for_inference(checkpoint)
     if qs is None:
         raise UserError(f"{checkpoint} has no thought parameters; analysis needs a Quiet-STaR run")
+    if seq_len > (longest := longest_seq_len(config, qs)):
+        raise UserError(f"--seq-len {seq_len} does not fit the model's context of {config.max_position_embeddings} "
+                        f"positions with the {analysis_config(qs).n_steps}-token thought after the last token: "
+                        f"at most {longest}")
     source = file_documents(data)
     if not len(source):
         raise UserError(f"no documents in {data}")
-    documents = (source[i] for i in range(min(len(source), max_documents) if max_documents > 0 else len(source)))
+    documents = (source[i] for i in range(min(len(source), max_documents)))
     sequences, all_nll, all_gain = [], [], []
     for i, text in enumerate(documents):
         ids = tokenizer.with_bos(tokenizer.encode(text))[:seq_len]
         if len(ids) < 2:
             continue
-        nll, gain, valid, thoughts = token_gains(config, qs, params, np.asarray([ids], np.int32), seed + i)
+        nll, gain, valid, thoughts = token_gains(config, qs, params, np.asarray([ids], np.int32), int64_seed(seed + i))
         sequences.append({"tokens": ids, "gain": gain.tolist(), "valid": valid.tolist(), "thoughts": thoughts.tolist()})
         all_nll.append(nll[valid])
         all_gain.append(gain[valid])
@@ -146,6 +163,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seq_len < 2:
         raise UserError(f"--seq-len must be >= 2 (a token and its successor), got {args.seq_len}")
+    if args.max_documents < 1:
+        raise UserError(f"--max-documents must be >= 1, got {args.max_documents}")
     if paths.path(args.output).is_file():
         raise UserError(f"--output must be a directory; {args.output} is a file")
     return args

@@ -33,6 +33,7 @@ import numpy as np
 from qstar_jax import paths
 from qstar_jax.training.checkpoint import load_for_inference
 from qstar_jax.inference.decode import continuation_decoded, decoding_params, generate_decoded, prompt_room
+from qstar_jax.inference.generate import check_think_gate, int64_seed
 from qstar_jax.errors import UserError, exit_on_user_error
 from qstar_jax.inference.tasks import TASKS, Example, extract_number, load_examples
 
@@ -167,7 +168,7 @@ def evaluate(ev: Evaluator, task: str, examples: list[Example], cot_votes: int =
         soft.append(s)
         correct.append(c)
         if cot_votes:
-            cot.append(cot_majority(ev, ex, cot_votes, chain_tokens, seed + i)[1])
+            cot.append(cot_majority(ev, ex, cot_votes, chain_tokens, int64_seed(seed + i))[1])
     result = {"task": task, "examples": len(examples), "think": ev.thinking,
               "soft_score": float(np.mean(soft)), "accuracy": float(np.mean(correct))}
     if cot_votes:
@@ -195,11 +196,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the results JSON here too")
     args = parser.parse_args(argv)
+    if args.limit < 0:
+        raise UserError(f"--limit must be >= 0 (0 = all), got {args.limit}")
+    if args.cot_votes < 0:
+        raise UserError(f"--cot-votes must be >= 0 (0 = no chain-of-thought vote), got {args.cot_votes}")
+    if args.cot_tokens < 1:
+        raise UserError(f"--cot-tokens must be >= 1, got {args.cot_tokens}")
     if args.cot_votes and args.task != "gsm8k":
-        parser.error("--cot-votes applies to --task gsm8k")
-    if args.think_gate is not None and not args.think:
-        parser.error("--think-gate needs --think")
+        raise UserError("--cot-votes applies to --task gsm8k")
+    check_think_gate(args.think_gate, args.think)
+    if args.output and paths.path(args.output).is_dir():
+        raise UserError(f"--output must be a file; {args.output} is a directory")
     return args
+
+
+def check_chain_room(config, qs, think: bool, cot_tokens: int) -> None:
+    """Refuses chains too long to leave room for a question in the model's context before
+    any example is scored (`_ids` would find it at the first chain)."""
+    try:
+        prompt_room(config, qs, cot_tokens, think)
+    except UserError as e:
+        raise UserError(f"--cot-tokens {cot_tokens}: {e}") from None
 
 
 @exit_on_user_error
@@ -214,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.checkpoint} has no thought parameters (a plain LM); use --no-think")
     if args.think_gate is not None and not qs.think_gate:
         raise UserError(f"{args.checkpoint} has no think gate (train with --config.quiet_star.think_gate=linear)")
+    if args.cot_votes:
+        check_chain_room(config, qs, args.think, args.cot_tokens)
     evaluator = Evaluator(config, qs, decoding_params(config, params), tokenizer, args.think, args.think_gate,
                           ThoughtTally())
     result = evaluate(evaluator, args.task, examples, args.cot_votes, args.cot_tokens, args.seed)

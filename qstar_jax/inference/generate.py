@@ -14,6 +14,7 @@ before the token it preceded.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import jax
@@ -41,11 +42,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.think_gate is not None and not args.think:
-        raise UserError("--think-gate needs --think")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be >= 0 and finite (0 = greedy), got {args.temperature}")
+    check_think_gate(args.think_gate, args.think)
     return args
+
+
+def check_think_gate(threshold: float | None, think: bool) -> None:
+    """A --think-gate threshold is a gain in nats that the gate's prediction is compared
+    with: any finite number (NaN would silently never think, infinities always or never)."""
+    if threshold is None:
+        return
+    if not math.isfinite(threshold):
+        raise UserError(f"--think-gate must be a finite number (of nats), got {threshold}")
+    if not think:
+        raise UserError("--think-gate needs --think")
+
+
+def int64_seed(seed: int) -> int:
+    """`seed` as the signed 64-bit integer `jax.random.key` takes: any int is a valid --seed
+    (seeds 2**64 apart give the same numbers), and a seed + offset never overflows."""
+    return (seed + 2**63) % 2**64 - 2**63
 
 
 def render(tokenizer, tokens: list[int], thoughts: list[list[int]] | None) -> str:
@@ -74,7 +91,7 @@ def run(args: argparse.Namespace) -> str:
                         f"context of {config.max_position_embeddings} tokens holds {room}")
     prompt_1xT = jnp.asarray([prompt], jnp.int32)
     decoded = generate_decoded(config, qs, params, prompt_1xT, jnp.ones(prompt_1xT.shape, bool),
-                               jax.random.key(args.seed), args.max_new_tokens, args.temperature, args.think,
+                               jax.random.key(int64_seed(args.seed)), args.max_new_tokens, args.temperature, args.think,
                                args.think_gate)
     tokens = tokenizer.until_eos(int(t) for t in decoded.tokens_BxM[0])
     thought_M = [bool(t) for t in decoded.thought_BxM[0][:len(tokens)]]
