@@ -9,21 +9,34 @@ log file (CI, pods) it prints plain lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from qstar_jax import paths
+from qstar_jax.errors import UserError
+from qstar_jax.training.checkpoint import CHECKPOINTS_DIR
+from qstar_jax.training.manifest import MANIFEST_FILE
+from qstar_jax.training.storage import append, storage_failure
 from qstar_jax.training.tensorboard import EventFile
 
+METRICS_FILE = "metrics.jsonl"  # in the workdir: one JSON line per logged step
 CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "tokens_per_s", "mfu")
+
+
+class LogWriteFailed(UserError):
+    """Storage refused a write to the run's logs (a full disk, a quota, a file-size limit);
+    the lines and events written before are kept."""
 
 
 class MetricsLog:
     """One run's metrics log in its workdir: `write(step, metrics)` appends to metrics.jsonl
     and TensorBoard (and wandb if configured) and updates the console; a resumed run drops
-    what earlier starts logged after the checkpoint it resumes from."""
+    what earlier starts logged after the checkpoint it resumes from. A write that storage
+    refuses ends the run in one line (`LogWriteFailed`) naming the file and the newest
+    checkpoint; local files are written unbuffered, so nothing is left to fail again at exit."""
 
     def __init__(self, workdir: str, total_steps: int, start_step: int, wandb_project: str = "",
                  config: dict[str, Any] | None = None):
@@ -34,19 +47,22 @@ class MetricsLog:
         self.wandb = None
         if not self.enabled:
             return
-        self.jsonl_path = paths.path(workdir) / "metrics.jsonl"
+        self.workdir = workdir
+        self.jsonl_path = paths.path(workdir) / METRICS_FILE
         # Locally lines are appended; a bucket object cannot be appended to, so there the
         # lines are kept and the object re-uploaded whole at each write.
         self.remote = paths.is_remote(workdir)
-        kept = self._earlier_lines(start_step)
-        if self.jsonl_path.exists():
-            paths.write_text(self.jsonl_path, "".join(kept))
-        if self.remote:
-            self.jsonl_lines = kept
-        else:
-            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(self.jsonl_path, "a")
-        self.tensorboard = EventFile(paths.path(workdir) / "tensorboard")
+        with self._storage_failures_named(self.jsonl_path):
+            kept = self._earlier_lines(start_step)
+            if self.jsonl_path.exists():
+                paths.write_text(self.jsonl_path, "".join(kept))
+            if self.remote:
+                self.jsonl_lines = kept
+            else:
+                self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+                self.jsonl = open(self.jsonl_path, "ab", buffering=0)
+        with self._storage_failures_named(paths.path(workdir) / "tensorboard"):
+            self.tensorboard = EventFile(paths.path(workdir) / "tensorboard")
         if wandb_project:
             try:
                 import wandb
@@ -75,16 +91,29 @@ class MetricsLog:
         if not self.enabled:
             return
         line = json.dumps({"step": step, **metrics}) + "\n"
-        if self.remote:
-            self.jsonl_lines.append(line)
-            paths.write_text(self.jsonl_path, "".join(self.jsonl_lines))
-        else:
-            self.jsonl.write(line)
-            self.jsonl.flush()
-        self.tensorboard.scalars(step, metrics)
+        with self._storage_failures_named(self.jsonl_path):
+            if self.remote:
+                self.jsonl_lines.append(line)
+                paths.write_text(self.jsonl_path, "".join(self.jsonl_lines))
+            else:
+                append(self.jsonl, line.encode())
+        with self._storage_failures_named(self.tensorboard.path):
+            self.tensorboard.scalars(step, metrics)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         self._console(step, metrics)
+
+    @contextlib.contextmanager
+    def _storage_failures_named(self, path: paths.PathLike) -> Iterator[None]:
+        """A full disk (or quota, read-only mount, file-size limit) under a log file: one line
+        naming it and the step a rerun resumes from (which logs the steps after it again)."""
+        try:
+            yield
+        except OSError as e:
+            if (failure := storage_failure(e)) is None:
+                raise
+            raise LogWriteFailed(f"cannot write {path}: {failure}; {newest_checkpoint(self.workdir)}; what was logged "
+                                 "before is kept; fix the storage and rerun the same command to resume") from None
 
     def _console(self, step: int, metrics: dict[str, float]) -> None:
         done = step - self.start_step
@@ -109,6 +138,15 @@ class MetricsLog:
         self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def newest_checkpoint(workdir: str) -> str:
+    """The step a rerun of `workdir` resumes from: the newest with its manifest (a step saved
+    without one, its run stopped first, is set aside at the resume)."""
+    directory = paths.path(workdir) / CHECKPOINTS_DIR
+    steps = [int(d.name) for d in directory.iterdir()
+             if d.name.isdigit() and (d / MANIFEST_FILE).exists()] if directory.is_dir() else []
+    return f"newest checkpoint: step {max(steps)}" if steps else "no checkpoint yet"
 
 
 def status(message: str) -> None:

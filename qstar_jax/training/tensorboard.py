@@ -16,6 +16,7 @@ import struct
 import time
 
 from qstar_jax import paths
+from qstar_jax.training.storage import append
 
 FILE_VERSION = "brain.Event:2"
 
@@ -96,7 +97,7 @@ class EventFile:
         self.data = b""
         if not self.remote:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "ab")
+            self.file = open(self.path, "ab", buffering=0)  # a failed write leaves nothing to retry at exit
         self._append(tfrecord(event(time.time(), file_version=FILE_VERSION)))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -107,8 +108,7 @@ class EventFile:
             self.data += record
             paths.write_bytes(self.path, self.data)
         else:
-            self.file.write(record)
-            self.file.flush()
+            append(self.file, record)
 
     def close(self) -> None:
         if not self.remote:
