@@ -110,6 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
     # A resume whose method, data or optimizer settings differ from the checkpoint's is
     # refused (the differences are listed); True continues with the new settings.
     config.allow_config_change = False
+    # A workdir where a run trained (it logged steps or set checkpoints aside) but left no
+    # usable checkpoint is refused rather than started over; True starts at step 0 there
+    # (the earlier metrics.jsonl is kept under a new name).
+    config.allow_fresh_start = False
     # auto=True: compile the train step for each (data 1, fsdp, tensor) that divides the batch
     # and the heads and take the lowest per-device peak that fits the device's memory with
     # 10% free (qstar_jax/training/preflight.py); data/fsdp/tensor are then ignored.

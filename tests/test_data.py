@@ -169,6 +169,9 @@ def test_outputs_are_replaced_only_with_overwrite(tmp_path, capsys):
     err = _data_main_error(capsys, "--write-problems", str(problems), "--count", "3")
     assert err == f"error: {problems} exists; pass --overwrite to replace it"
     assert problems.read_text() == "mine\n"
+    err = _data_main_error(capsys, "--write-problems", str(problems), "--count", "-3", "--overwrite")
+    assert err == "error: --count must be >= 1, got -3"
+    assert problems.read_text() == "mine\n"
     data_main(["--write-problems", str(problems), "--count", "3", "--overwrite"])
     assert len(problems.read_text().splitlines()) == 3
 

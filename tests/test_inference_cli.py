@@ -13,7 +13,7 @@ import pytest
 
 from test_tasks import RECORDS, write_jsonl
 from test_train import REPO, assert_ok, metrics, run_train
-from qstar_jax.training import checkpoint
+from qstar_jax.training import checkpoint, manifest
 from qstar_jax.models import model_files
 from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 
@@ -151,8 +151,13 @@ def test_plain_lm_training_method(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,message", [("--max-new-tokens", "-3", "--max-new-tokens must be >= 1, got -3"),
-                                                ("--temperature", "-1", "--temperature must be >= 0")])
+                                                ("--temperature", "-1", "--temperature must be >= 0"),
+                                                ("--temperature", "nan", "--temperature must be >= 0 and finite"),
+                                                ("--temperature", "inf", "--temperature must be >= 0 and finite"),
+                                                ("--think-gate", "nan", "--think-gate must be a finite number"),
+                                                ("--think-gate", "inf", "--think-gate must be a finite number")])
 def test_generate_refuses_nonsense_settings_in_one_line(capsys, flag, value, message):
+    """Checked before the checkpoint is read (a NaN temperature used to end in empty output)."""
     from qstar_jax.inference import generate
 
     with pytest.raises(SystemExit) as exit_info:
@@ -167,6 +172,7 @@ def test_analyze_refuses_bad_settings_before_loading(tmp_path, capsys):
 
     (tmp_path / "file").write_text("x")
     for args, message in ((["--seq-len", "0"], "--seq-len must be >= 2 (a token and its successor), got 0"),
+                          (["--max-documents", "0"], "--max-documents must be >= 1, got 0"),
                           (["--output", str(tmp_path / "file")], f"--output must be a directory; {tmp_path / 'file'} is a file")):
         with pytest.raises(SystemExit) as exit_info:
             analyze.main(["--checkpoint", "never-read", "--data", "never-read", "--output", str(tmp_path / "out"), *args])
@@ -218,3 +224,212 @@ def test_a_think_gate_threshold_on_a_model_without_a_gate_is_one_line(run_dir, t
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and lines == [
         "error: gateless has no think gate (train with --config.quiet_star.think_gate=linear)"], lines
+
+
+def test_any_int_seed_is_a_jax_seed():
+    """--seed takes any int: beyond int64 (what jax.random.key takes) it wraps, as seed + i does."""
+    import jax
+
+    from qstar_jax.inference.generate import int64_seed
+
+    assert [int64_seed(s) for s in (0, 5, -1, 2**63 - 1)] == [0, 5, -1, 2**63 - 1]
+    assert int64_seed(2**63) == -2**63 and int64_seed(2**70 + 3) == 3 and int64_seed(-2**63 - 1) == 2**63 - 1
+    jax.random.key(int64_seed(2**70))
+
+
+def _one_line_exit(main, argv, capsys) -> str:
+    """The single stderr line of a CLI main that refuses `argv` with exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--limit", "-1"], "--limit must be >= 0 (0 = all), got -1"),
+    (["--cot-votes", "-1"], "--cot-votes must be >= 0 (0 = no chain-of-thought vote), got -1"),
+    (["--cot-votes", "1", "--cot-tokens", "0"], "--cot-tokens must be >= 1, got 0"),
+    (["--think-gate", "nan"], "--think-gate must be a finite number (of nats), got nan"),
+    (["--think-gate", "0", "--no-think"], "--think-gate needs --think"),
+    (["--task", "csqa", "--cot-votes", "2"], "--cot-votes applies to --task gsm8k"),
+    (["--output", "."], "--output must be a file; . is a directory"),
+    (["--task", "piqa", "--data", "PIQA"],
+     "piqa.jsonl:2 is not in the piqa format: label must be an int from 0 to 1, got -1 (an unlabelled row, as test "
+     "splits have, cannot be scored)"),
+])
+def test_evaluate_refuses_bad_settings_and_labels_before_loading(tmp_path, capsys, args, message):
+    """Each in one line before the checkpoint ("never-read") is opened: a -1 label used to be
+    scored as the last choice, --limit -1 evaluated one example, --cot-votes -1 was a traceback."""
+    from qstar_jax.inference import evaluate
+
+    gsm8k = write_jsonl(tmp_path / "gsm.jsonl", [RECORDS["gsm8k"]])
+    piqa = write_jsonl(tmp_path / "piqa.jsonl", [RECORDS["piqa"], {**RECORDS["piqa"], "label": -1}])
+    argv = ["--checkpoint", "never-read", "--task", "gsm8k", "--data", gsm8k,
+            *[piqa if a == "PIQA" else a for a in args]]
+    line = _one_line_exit(evaluate.main, argv, capsys)
+    assert line.endswith(message) and line.startswith("error: ") and "never-read" not in line, line
+
+
+def test_evaluate_refuses_chains_longer_than_the_context_before_scoring(run_dir, tmp_path, monkeypatch, capsys):
+    from qstar_jax.inference import evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("scored before the flags were checked"))
+    config, qs, _, _ = checkpoint.load_for_inference(str(run_dir))
+    tokens = config.max_position_embeddings - qs.n_ahead  # no room left for the question
+    line = _one_line_exit(evaluate.main, ["--checkpoint", str(run_dir), "--task", "gsm8k", "--cot-votes", "1",
+                                          "--cot-tokens", str(tokens), "--data",
+                                          write_jsonl(tmp_path / "gsm.jsonl", [RECORDS["gsm8k"]])], capsys)
+    assert line == (f"error: --cot-tokens {tokens}: {tokens} new tokens and {qs.n_ahead} thought slots leave no room "
+                    f"for a prompt in the model's context of {config.max_position_embeddings} tokens"), line
+
+
+def test_analyze_refuses_a_seq_len_beyond_the_model_context(run_dir, tmp_path, capsys):
+    """The thought after the last of --seq-len tokens takes its n_ahead - 1 positions (start,
+    sampled tokens, end) past it: with them the sequence must fit max_position_embeddings."""
+    from qstar_jax.inference import analyze
+
+    config, qs, _, _ = checkpoint.load_for_inference(str(run_dir))
+    longest = config.max_position_embeddings - (qs.n_ahead - 1)
+    assert analyze.longest_seq_len(config, qs) == longest
+    data = write_jsonl(tmp_path / "heldout.jsonl", [{"text": "Ava has 3 apples."}])
+    line = _one_line_exit(analyze.main, ["--checkpoint", str(run_dir), "--data", data, "--output",
+                                         str(tmp_path / "out"), "--seq-len", str(longest + 1)], capsys)
+    assert line == (f"error: --seq-len {longest + 1} does not fit the model's context of "
+                    f"{config.max_position_embeddings} positions with the {qs.n_ahead - 1}-token thought after the "
+                    f"last token: at most {longest}"), line
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- readers beside a training run's retention
+
+
+def _delete_like_orbax(step_dir, directories_too: bool = True) -> None:
+    """What Orbax's retention does to a step: every file removed, then the directories."""
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            os.remove(os.path.join(root, name))
+    if directories_too:
+        shutil.rmtree(step_dir)
+
+
+def _steps_deleted_after_listing(monkeypatch, run, steps):
+    """The first time a reader lists the steps, `steps` are deleted right after (the race
+    with a running training run, made deterministic)."""
+    listed, pending = checkpoint.CheckpointReader.current_steps, list(steps)
+
+    def list_then_delete(self):
+        found = listed(self)
+        if self.directory == str(run / "checkpoints"):
+            while pending:
+                _delete_like_orbax(run / "checkpoints" / str(pending.pop()))
+        return found
+
+    monkeypatch.setattr(checkpoint.CheckpointReader, "current_steps", list_then_delete)
+
+
+class _FailsWhenCollected:
+    """Like Orbax's array reads when their step is deleted under them: coroutines whose
+    errors Python reports through sys.unraisablehook as they are collected."""
+
+    def __del__(self):
+        raise RuntimeError("reading an array of the deleted step failed")
+
+
+def _params_equal(a, b) -> bool:
+    import jax
+    import numpy as np
+
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("when", ["after_listing", "while_restoring"])
+def test_a_reader_passes_over_the_newest_step_deleted_under_it(run_dir, tmp_path, monkeypatch, capsys, when):
+    """Step 6 is deleted right after the reader listed it, or its files while Orbax reads
+    them (raw FileNotFoundError / KeyError / TypeError before, and the other reads' errors
+    as "Exception ignored" pages): the reader reloads the step list and reads step 3, saying
+    so in one line on stderr."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    if when == "after_listing":
+        _steps_deleted_after_listing(monkeypatch, run, [6])
+    else:
+        restore = checkpoint.CheckpointReader.restore_params
+
+        def delete_then_restore(self, step, *args, **kwargs):
+            if step == 6:  # its files go; its directories are still listed while Orbax reads
+                _delete_like_orbax(run / "checkpoints" / "6", directories_too=False)
+                _FailsWhenCollected()
+            return restore(self, step, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.CheckpointReader, "restore_params", delete_then_restore)
+    _, _, params, _ = checkpoint.load_for_inference(str(run))
+    assert _params_equal(params, checkpoint.load_for_inference(str(run_dir), 3)[2])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"warning: {run / 'checkpoints'}: checkpoint step 6 was deleted while it was read; "
+                     "read step 3 instead"], lines
+
+
+def test_a_requested_step_deleted_under_the_reader_is_one_line(run_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    _steps_deleted_after_listing(monkeypatch, run, [6])
+    with pytest.raises(checkpoint.UserError) as error:
+        checkpoint.load_for_inference(str(run), 6)
+    assert str(error.value) == (f"checkpoint at step 6 in {run / 'checkpoints'} was deleted while it was read "
+                                "(steps now: 3)")
+
+
+def test_generate_started_while_every_step_is_deleted_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    from qstar_jax.inference import generate
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    _steps_deleted_after_listing(monkeypatch, run, [6, 3])
+    line = _one_line_exit(generate.main, ["--checkpoint", str(run), "--prompt", "hi"], capsys)
+    assert line == (f"error: no checkpoint in {run / 'checkpoints'} can be read: checkpoint step 6 was deleted "
+                    "while it was read"), line
+
+
+def test_a_newest_step_without_its_manifest_yet_is_passed_over(run_dir, tmp_path, capsys):
+    """A step without a manifest (saved by an older version, or its manifest lost) cannot be
+    verified: readers take the newest step that verifies; asked for it, they refuse it in one line."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    os.remove(run / "checkpoints" / "6" / manifest.MANIFEST_FILE)
+    _, _, params, _ = checkpoint.load_for_inference(str(run))
+    assert _params_equal(params, checkpoint.load_for_inference(str(run_dir), 3)[2])
+    why = f"has no {manifest.MANIFEST_FILE}, so it cannot be verified"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: {run / 'checkpoints'}: checkpoint step 6 {why}; read step 3 instead"]
+    with pytest.raises(checkpoint.UserError) as error:
+        checkpoint.load_for_inference(str(run), 6)
+    assert str(error.value) == f"checkpoint at step 6 in {run / 'checkpoints'} {why} (steps now: 3, 6)"
+
+
+def test_a_step_that_stays_and_does_not_read_is_one_line_not_passed_over(run_dir, tmp_path, monkeypatch):
+    """Only a step that goes is passed over: one that stays whole and fails to read is damage."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    monkeypatch.setattr(checkpoint.CheckpointReader, "DELETION_WAITS_S", (0.0,))
+    monkeypatch.setattr(checkpoint.CheckpointReader, "restore_params",
+                        lambda self, step, *a, **k: (_ for _ in ()).throw(ValueError("tensorstore said no\nmore")))
+    with pytest.raises(checkpoint.UserError) as error:
+        checkpoint.load_for_inference(str(run))
+    assert str(error.value) == (f"checkpoint at step 6 in {run / 'checkpoints'} is unreadable "
+                                "(ValueError: tensorstore said no)")
+
+
+def test_errors_reported_while_a_step_reads_are_still_shown_when_it_reads(run_dir, monkeypatch, capsys):
+    """Only a failed read's unraisable errors are dropped (its failure has its own line)."""
+    restore = checkpoint.CheckpointReader.restore_params
+
+    def restore_beside_an_unraisable_error(self, step, *args, **kwargs):
+        _FailsWhenCollected()
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.CheckpointReader, "restore_params", restore_beside_an_unraisable_error)
+    checkpoint.load_for_inference(str(run_dir))
+    err = capsys.readouterr().err
+    assert "Exception ignored" in err and "RuntimeError: reading an array of the deleted step failed" in err, err

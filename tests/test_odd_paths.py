@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,10 +34,7 @@ from qstar_jax.training.corpora import default_corpus
 # Glob syntax, URL syntax (`?`, `#`, `%`, `:` and a `://` inside a local path), spaces,
 # shell and JSON quoting, non-ASCII.
 LOCAL_NAME = "odd [0]*?#% :é,{x}!'"
-# On a bucket `?` and `#` are left out of the whole run: run_lock.py addresses a generation
-# of its lock as `PATH#GENERATION`, which gcsfs splits at the first `?` or `#`.
-# test_bucket_checkpoints_save_restore_delete_and_move_aside covers them for the checkpoints.
-BUCKET_NAME = "odd [0]*% :é,{x}!'"
+BUCKET_NAME = LOCAL_NAME  # "?" and "#" too: gcsfs would read them as a generation where a path is parsed
 ORBAX_ODD_NAME = "odd [0]*?#% :é"
 BUCKET = "odd-paths"
 RUN_STEPS = ["--config.steps=2", "--config.checkpoint_every=1", "--config.eval_every=0",
@@ -175,4 +173,13 @@ def test_a_name_orbax_cannot_store_is_refused_before_anything_is_written(tmp_pat
         checkpoint.TrainCheckpoints(directory, keep=1)
     message = str(refused.value)
     assert "\n" not in message and f"the character {character} in " in message, message
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_refuses_such_a_workdir_before_taking_its_lock(tmp_path):
+    from experiments import tiny_cpu
+    from qstar_jax.training import trainer
+
+    with pytest.raises(UserError, match=re.escape("the character '\\\\' in ")):
+        trainer.train(tiny_cpu.get_config(), str(tmp_path / "a\\b"))
     assert os.listdir(tmp_path) == []

@@ -173,6 +173,27 @@ def test_bad_thought_ids_are_a_clear_error():
         rollout(config, QS.replace(start_token_id=-1), params, tokens, valid, jax.random.key(0))
 
 
+def test_the_train_step_names_the_first_state_a_checkpoint_must_not_hold():
+    """A NaN update: the step's loss (from the good state 0) is finite but the state it makes
+    is not, so state 1 is the first bad one; the next step's loss, computed from that state,
+    is not finite either, and it names state 1 again by that cause. The trainer keeps the
+    earliest of these and never saves a state at or after it."""
+    import optax
+
+    from qstar_jax.training.step import FIRST_BAD_STATE, NO_BAD_STATE, init_train_state, make_train_step
+
+    config = CONFIGS["llama"]
+    poisoned = optax.chain(optax.sgd(1e-3), optax.scale(jnp.nan))
+    state = init_train_state(init_params(config, jax.random.key(0)), poisoned, jax.random.key(0))
+    step = make_train_step(config, None, poisoned)
+    tokens, valid = make_batch()
+    state, metrics = step(state, tokens[None], valid[None])
+    assert np.isfinite(float(metrics["loss"]))
+    assert metrics[FIRST_BAD_STATE].tolist() == [NO_BAD_STATE, 1]
+    state, metrics = step(state, tokens[None], valid[None])
+    assert metrics[FIRST_BAD_STATE].tolist() == [1, 2]
+
+
 def test_training_on_a_fixed_batch_lowers_the_loss():
     from qstar_jax.training.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 

@@ -21,7 +21,7 @@ def bucket(tmp_path, monkeypatch):
         import gcsfs
 
         gcsfs.GCSFileSystem.clear_instance_cache()  # instances made before the env was set
-        yield f"gs://{BUCKET}/run"
+        yield f"gs://{BUCKET}/odd [a]*?#% :é/run"  # gcsfs reads '#' and '?' in a path as a generation
         gcsfs.GCSFileSystem.clear_instance_cache()
 
 

@@ -142,8 +142,12 @@ def preflight_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-# rows of 2048 tokens, 64 of them: the TPU compiler refuses the program instead of reporting a peak
-TOO_BIG_FOR_V5E = ("--config.data.seq_len=2048", "--config.batch_size=64", "--config.model.max_position_embeddings=4096")
+# 4.8B parameters with their Adam moments on a v5e:2x2 (16 GiB a chip): the TPU compiler refuses
+# the state's initialisation instead of reporting a peak (small rows keep the compile short)
+TOO_BIG_FOR_V5E = ("--config.model.hidden_size=4096", "--config.model.intermediate_size=16384",
+                   "--config.model.num_layers=24", "--config.data.seq_len=16", "--config.batch_size=4",
+                   "--config.quiet_star.n_ahead=4", "--config.quiet_star.n_ahead_talk=2",
+                   "--config.preflight_vocab_size=258")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -155,7 +159,7 @@ TOO_BIG_FOR_V5E = ("--config.data.seq_len=2048", "--config.batch_size=64", "--co
     (("--preflight", "--topology", "v5e:3x3"), "error: cannot describe TPU topology v5e:3x3: INVALID_ARGUMENT"),
     (("--topology", "v5e:2x2", "--workdir", "unused"), "error: --topology compiles for a TPU slice this machine"),
     (("--preflight", "--topology", "v5e:2x2", "--config.mesh.auto=True", *TOO_BIG_FOR_V5E),
-     "error: no mesh fits 16.0 GiB per device with 10% free: the train step on mesh 1x4x1 does not fit: "
+     "error: no mesh fits 16.0 GiB per device with 10% free: state initialisation on mesh 1x4x1 does not fit: "
      "RESOURCE_EXHAUSTED: Ran out of memory on HBM"),
 ])
 def test_bad_topology_or_mesh_is_one_line(args, message):

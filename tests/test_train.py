@@ -280,7 +280,7 @@ def test_a_disk_that_fills_in_the_middle_of_a_save_is_named_in_one_line(tmp_path
     ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 2)
     error = ValueError("RESOURCE_EXHAUSTED: Error writing \"params/0\" in OCDBT database: Failed to write 1694570 "
                        "bytes to file 17: No space left on device [os_error_code='28']")
-    ckpt._unmanifested.append(9)
+    ckpt._in_flight = 9  # a save in flight
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ckpt.manager, "wait_until_finished", lambda: (_ for _ in ()).throw(error))
         with pytest.raises(checkpoint.CheckpointWriteFailed,
@@ -405,6 +405,13 @@ def _one_line_error(result, *fragments):
     ("log_every", 0, "log_every must be >= 1"),
     ("keep_checkpoints", 0, "keep_checkpoints must be >= 1"),
     ("eval_every", -1, "eval_every must be >= 0"),
+    ("data.eval_documents", -5, "data.eval_documents must be >= 0"),
+    ("data.seq_len", 4, "data.seq_len (4) must be greater than quiet_star.n_ahead_talk (4)"),
+    ("quiet_star.policy_loss_weight", float("nan"), "quiet_star.policy_loss_weight must be a finite number, got nan"),
+    ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate must be a finite number, got nan"),
+    ("optimizer.learning_rate", -1e-3, "optimizer.learning_rate must be a finite number in [0, inf), got -0.001"),
+    ("optimizer.b2", 1.0, "optimizer.b2 must be a finite number in [0, 1), got 1.0"),
+    ("optimizer.eps", 0.0, "optimizer.eps must be a finite number in (0, inf), got 0.0"),
     ("profile_steps", -1, "profile_steps and profile_after must be >= 0"),
     ("data.seq_len", 1, "data.seq_len must be >= 2"),
     ("optimizer.schedule", "cosin", "optimizer.schedule must be one of constant, linear, cosine, got 'cosin'"),
@@ -449,6 +456,54 @@ def test_workdir_that_is_a_file(tmp_path):
     assert (tmp_path / "run").read_text() == "notes"
 
 
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("contents", ["model_directory", "unrelated_files", "lock_is_a_directory"])
+def test_a_workdir_that_holds_no_run_is_refused_untouched(tmp_path, contents):
+    """A converted model directory (model_config.json + params/), a folder of files no run
+    wrote, or a run.lock that is a directory: one line naming what is there, nothing
+    written, moved or deleted."""
+    from experiments import tiny_cpu
+    from qstar_jax.training import trainer
+
+    workdir = tmp_path / "run"
+    if contents == "model_directory":
+        (workdir / "params").mkdir(parents=True)
+        (workdir / "model_config.json").write_text("{}")
+        (workdir / "tokenizer").mkdir()
+        message = "is a model directory, not a training run"
+    elif contents == "unrelated_files":
+        (workdir / "thesis").mkdir(parents=True)
+        (workdir / "notes.txt").write_text("mine")
+        message = "holds files no training run wrote (notes.txt, thesis)"
+    else:
+        (workdir / "run.lock").mkdir(parents=True)
+        (workdir / "metrics.jsonl").write_text("")
+        message = "run.lock is not a lock file (a directory or device is in its place)"
+    before = _tree(workdir)
+    with pytest.raises(UserError, match=re.escape(message)):
+        trainer.train(tiny_cpu.get_config(), str(workdir))
+    assert _tree(workdir) == before
+
+
+def test_a_finished_run_extends_and_refuses_a_changed_tokenizer(tmp_path, tiny_run):
+    """steps 6 -> 7: the schedule's total_steps follows steps (noted, not refused) and the run
+    trains step 7, here on 2 devices where the run had 1. A changed tokenizer setting is drift like any other: refused in one line
+    before anything is compiled (the workdir's own tokenizer would silently be used)."""
+    assert_ok(tiny_run[2])
+    shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
+    extend = ("--config.steps=7", "--config.optimizer.total_steps=0")  # 0: the schedule follows steps
+    drift = run_train(tmp_path, *extend, "--config.tokenizer_vocab_size=400")
+    _one_line_error(drift, "(tokenizer_vocab_size: 300 -> 400)")
+    extended = run_train(tmp_path, *extend, devices=2)  # resumed onto another device count too
+    assert_ok(extended)
+    assert "resumed from step 6" in extended.stdout
+    assert "note: steps changed, and with it optimizer.total_steps: 6 -> 7" in extended.stdout
+    assert final_params(tmp_path)[0] == 7
+
+
 def test_unknown_config_key(tmp_path):
     _one_line_error(run_train(tmp_path, "--config.optimizer.lr=1"), "unknown config key 'lr' (in --config.optimizer.lr)")
     _one_line_error(run_train(tmp_path, "--config.optimizr.lr=1"),
@@ -481,7 +536,7 @@ def test_a_resume_that_adds_a_think_gate_is_refused_and_older_settings_resume(tm
     """A gate changes the parameter tree, so even an allowed settings change cannot add one
     (every step would fail to read); quiet_star options added since a checkpoint was saved
     count as their defaults."""
-    from qstar_jax.training.checkpoint import changed_settings, with_new_defaults
+    from qstar_jax.training.resume import changed_settings, with_new_defaults
     from qstar_jax.training.setup import result_settings
     from experiments import tiny_cpu
 
@@ -540,32 +595,29 @@ def test_manifest_names_what_changed_in_a_step(tmp_path):
     assert manifest.verify_step(step) == f"its {manifest.MANIFEST_FILE} is unreadable"
 
 
-@pytest.mark.parametrize("damage", ["bit_flip", "unreadable_without_manifest"])
+@pytest.mark.parametrize("damage", ["bit_flip", "bit_flip_without_manifest"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, tiny_run, damage):
-    """Step 6 damaged: 64 bytes flipped in its largest file (only the manifest can tell), or
-    truncated with no manifest to check (only reading it can tell). The run moves step 6
-    aside with one line naming it, resumes from step 3, and ends bit-identical to the
-    undamaged run."""
+    """Step 6 damaged: 64 bytes flipped in its largest file, which only the manifest can
+    tell, or the same with no manifest (a run killed between Orbax's commit and the
+    manifest): an unverifiable step is never resumed. The run moves step 6 aside with one
+    line naming it, resumes from step 3, and ends bit-identical to the undamaged run."""
     assert_ok(tiny_run[2])
     shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
     ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 10)
     assert ckpt.verify(3) is None and ckpt.verify(6) is None
     step6 = str(tmp_path / "checkpoints" / "6")
-    target = _largest_state_file(step6)
+    _flip_bytes(_largest_state_file(step6))
     if damage == "bit_flip":
-        _flip_bytes(target)
         assert "does not match its checksum" in ckpt.verify(6)
         assert ckpt.latest_verified_step() == 3  # what the non-finite-loss message names
         with pytest.raises(UserError, match="checkpoint at step 6 .* is corrupt"):
             checkpoint.load_for_inference(str(tmp_path))
     else:
         os.remove(os.path.join(step6, manifest.MANIFEST_FILE))
-        with open(target, "r+b") as f:
-            f.truncate(os.path.getsize(target) // 3)
     ckpt.close()
     resumed = run_train(tmp_path)
     assert_ok(resumed)
-    why = "is corrupt: state/" if damage == "bit_flip" else "is unreadable ("
+    why = "is corrupt: state/" if damage == "bit_flip" else f"is corrupt: it has no {manifest.MANIFEST_FILE}"
     warning = [line for line in resumed.stdout.splitlines() if line.startswith("warning: checkpoint at step 6")]
     assert len(warning) == 1 and why in warning[0] and "resuming from step 3" in warning[0], resumed.stdout
     assert "resumed from step 3" in resumed.stdout
@@ -576,14 +628,44 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, tin
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_non_finite_loss_stops_without_saving(tmp_path):
-    result = run_train(tmp_path, "--config.optimizer.learning_rate=1e30", "--config.checkpoint_every=1",
-                       "--config.optimizer.grad_clip_norm=1e30", "--config.steps=20", "--config.optimizer.total_steps=20")
-    _one_line_error(result, "non-finite loss")
-    saved = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), 100).latest_step()
-    if saved is not None:  # every checkpoint that exists holds finite parameters
-        _, params = final_params(tmp_path)
-        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+def test_a_ruinous_update_is_never_called_a_good_checkpoint(tmp_path, tiny_run):
+    """The run goes on from step 6 at learning rate 1e30: step 7's update leaves finite but
+    ruinous weights (saved, since checkpoint_every=1), and the loss computed from them at step
+    8 is not finite. The run stops without saving, moves step 7 aside and names step 6, the
+    newest checkpoint whose loss was finite, as the good one (not step 7)."""
+    assert_ok(tiny_run[2])
+    shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
+    result = run_train(tmp_path, "--config.steps=9", "--config.checkpoint_every=1", "--config.allow_config_change=True",
+                       "--config.optimizer.learning_rate=1e30", "--config.optimizer.grad_clip_norm=1e30")
+    _one_line_error(result, "non-finite loss at step 8 (computed from the state after step 7)",
+                    f"checkpoint step 7 held it or later states: moved to {checkpoint.CORRUPT_DIR}/",
+                    "newest good checkpoint: step 6")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert os.listdir(tmp_path / checkpoint.CORRUPT_DIR) == ["7"]
+    step, params = final_params(tmp_path)
+    assert step == 6 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_a_workdir_whose_every_checkpoint_is_corrupt_never_starts_over_silently(tmp_path, tiny_run):
+    """Steps 3 and 6 both damaged: the run names both in its one line and exits 2; the same
+    command again is refused (it would start from a random init), with metrics.jsonl intact;
+    only allow_fresh_start starts over, keeping the old metrics under a new name."""
+    assert_ok(tiny_run[2])
+    shutil.copytree(tiny_run[0], tmp_path, dirs_exist_ok=True)
+    for step in ("3", "6"):
+        _flip_bytes(_largest_state_file(str(tmp_path / "checkpoints" / step)))
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    first = run_train(tmp_path)
+    _one_line_error(first, "no checkpoint in", "step 6 is corrupt: state/", "step 3 is corrupt: state/",
+                    "--config.allow_fresh_start=True")
+    again = run_train(tmp_path)
+    _one_line_error(again, "holds a run with no usable checkpoint", "set aside in corrupt_checkpoints/: 3, 6",
+                    "metrics.jsonl logs steps")
+    assert (tmp_path / "metrics.jsonl").read_text() == logged
+    fresh = run_train(tmp_path, "--config.allow_fresh_start=True", "--config.steps=1")
+    assert_ok(fresh)
+    assert (tmp_path / "metrics.1.jsonl").read_text() == logged
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 1]  # train and eval lines of the new run
 
 
 def test_paper_config_fails_fast_without_the_checkpoint(tmp_path):

@@ -1,10 +1,11 @@
-"""Training checkpoints, local or in a bucket: the one checkpoint module of a run.
+"""Training checkpoints, local or in a bucket: how a run's steps are written and read.
 
 A run's `WORKDIR/checkpoints/STEP/` holds the train state (params, optimizer state, step,
 rng), the data position and the run's metadata (model and Quiet-STaR configs, the settings
 that decide the result), plus a manifest of every file (manifest.py). `TrainCheckpoints`
-writes them (asynchronously, keeping the newest and the best); `RunCheckpoints` adds the
-run-level checks of a resume; `CheckpointReader` / `open_run` read a run without writing;
+writes them (asynchronously, keeping the newest and the best; resume.py's `RunCheckpoints`
+adds the run-level checks of a resume); `CheckpointReader` / `open_run` read a run without
+writing, passing over steps a run still training deletes under them;
 `load_for_inference` gives evaluation, generation and later runs a checkpoint's params from
 a training run or a model directory (models/model_files.py). Restores land straight in the
 target shardings, so the same files serve a laptop and a pod.
@@ -13,8 +14,9 @@ target shardings, so the same files serve a laptop and a pod.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
+import sys
+import time
 from typing import Any, Iterator
 
 import jax
@@ -29,16 +31,13 @@ from qstar_jax.models import sharding
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.models.model_files import is_model_dir, load_model, load_model_tokenizer, sharded_target
 from qstar_jax.models.transformer import Params
-from qstar_jax.training.manifest import verify_step, write_manifest
-from qstar_jax.training.metrics import status
-from qstar_jax.training.step import (
-    TrainState,
-)
-from qstar_jax.training.storage import report_storage_failures_once, storage_failure
+from qstar_jax.training.manifest import MANIFEST_FILE, record_committed_files, verify_step, write_manifest
+from qstar_jax.training.storage import report_storage_failures_once, storage_failure, unraisable_reports_held
 
 CHECKPOINTS_DIR = "checkpoints"
 SELECTION_METRIC = "selection"  # the name a checkpoint's ranking value is stored under
 CORRUPT_DIR = "corrupt_checkpoints"  # beside checkpoints/: steps that failed verification
+ORBAX_TEMPORARY = ".orbax-checkpoint-tmp"  # STEP + this + a timestamp: a local step Orbax has not committed
 
 
 # ---------------------------------------------------------------------- checkpoint manifests
@@ -62,7 +61,7 @@ class CheckpointReader:
     and later runs can read a run that another process may still be writing."""
 
     def __init__(self, directory: str, manager: ocp.CheckpointManager | None = None):
-        self.directory = paths.absolute(directory)
+        self.directory = paths.orbax_path(directory)  # a name Orbax cannot store is refused here
         self.manager = manager or ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
@@ -104,6 +103,101 @@ class CheckpointReader:
         ))
         return restored["state"]["params"], restored["meta"]
 
+    # How long a step that stops reading is watched for its deletion to finish: Orbax
+    # deletes a step's files first and its directory last.
+    DELETION_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+    LISTING_ATTEMPTS = 3
+
+    @staticmethod
+    def retry_listing(list_steps: Any, directory: str) -> Any:
+        """`list_steps()` (opening a reader, reloading its steps), repeated when it fails with
+        FileNotFoundError: Orbax reads the commit time of each step it lists, which fails for a
+        step deleted in between (a run still training deletes old steps)."""
+        for _ in range(CheckpointReader.LISTING_ATTEMPTS - 1):
+            with contextlib.suppress(FileNotFoundError):
+                return list_steps()
+        try:
+            return list_steps()
+        except FileNotFoundError as e:
+            raise UserError(f"cannot list the checkpoints in {directory}: steps keep disappearing ({e})") from None
+
+    def current_steps(self) -> list[int]:
+        """The finished steps as storage holds them now, oldest first (`steps` is the list
+        as this reader last read it; a run still training saves steps and deletes old ones
+        meanwhile)."""
+        def reload() -> list[int]:
+            self.manager.reload()
+            return self.steps()
+
+        return self.retry_listing(reload, self.directory)
+
+    def is_deleted(self, step: int) -> bool:
+        """Whether `step` is gone or going: out of the step list, or its directory or manifest
+        removed (a step that verified once loses its manifest only to deletion). A step that
+        stays whole for DELETION_WAITS_S is not being deleted."""
+        for wait_s in (0.0, *self.DELETION_WAITS_S):
+            time.sleep(wait_s)
+            if step not in self.current_steps() or not (self.step_dir(step) / MANIFEST_FILE).exists():
+                return True
+        return False
+
+    def _params_or_why_passed_over(self, step: int, mesh: Mesh, param_dtype: str | None):
+        """(params, meta) of `step`, or why a reader passes it over: deleted (by the
+        retention of a run still training, which deletes the manifest first), or without a
+        manifest (saved by an older version): not verifiable. A step that stays and fails
+        its manifest or does not read is damaged: one line."""
+        if not (self.step_dir(step) / MANIFEST_FILE).exists():
+            return ("was deleted while it was read" if step not in self.current_steps() else
+                    f"has no {MANIFEST_FILE}, so it cannot be verified")
+        params_and_meta, damage = None, ""
+        with unraisable_reports_held() as unraisable_reports:
+            try:
+                if (problem := self.verify(step)) is None:
+                    params_and_meta = self.restore_params(step, mesh, param_dtype)
+                else:
+                    damage = f"is corrupt: {problem}"
+            except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for files that go
+                damage = f"is unreadable ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
+        if params_and_meta is not None:
+            sys.stderr.write("".join(unraisable_reports))
+            return params_and_meta
+        if self.is_deleted(step):
+            return "was deleted while it was read"
+        raise UserError(f"checkpoint at step {step} in {self.directory} {damage}")
+
+    def read_params(self, step: int | None, mesh: Mesh, param_dtype: str | None = None
+                    ) -> tuple[int, Params, dict[str, Any]]:
+        """(step, params, meta) of `step` (None: the newest step that verifies), checked
+        against its manifest, sharded on `mesh`. A run still training deletes old steps
+        (retention) while readers list and read them: a newest step that goes, or has no
+        manifest yet, is passed over for the next newest (the list reloaded each time), with
+        a line on stderr; a requested step that goes, or no step left, is one line."""
+        passed_over: list[str] = []
+        steps = self.current_steps()
+        if step is not None and step not in steps:
+            raise UserError(f"{self.directory} has no checkpoint at step {step} "
+                            f"(has {', '.join(map(str, steps)) or 'none'})")
+        tried: set[int] = set()
+        while True:
+            candidates = [step] if step is not None else [s for s in steps if s not in tried]
+            if not candidates:
+                raise UserError(f"{self.directory} has no finished checkpoint yet" if not passed_over else
+                                f"no checkpoint in {self.directory} can be read: {'; '.join(passed_over)}")
+            chosen = max(candidates)
+            result = self._params_or_why_passed_over(chosen, mesh, param_dtype)
+            if not isinstance(result, str):
+                if passed_over and paths.is_writer():
+                    print(f"warning: {self.directory}: {'; '.join(passed_over)}; read step {chosen} instead",
+                          file=sys.stderr, flush=True)
+                return (chosen, *result)
+            if step is not None:
+                steps_now = ", ".join(map(str, self.current_steps())) or "none"
+                raise UserError(f"checkpoint at step {step} in {self.directory} {result} (steps now: {steps_now})")
+            passed_over.append(f"checkpoint step {chosen} {result}")
+            tried.add(chosen)
+            steps = self.current_steps()
+
     def close(self) -> None:
         self.manager.close()
 
@@ -122,10 +216,11 @@ class TrainCheckpoints(CheckpointReader):
     restored straight onto the target shardings), `data` (the next batch index) and `meta`
     (model and Quiet-STaR configs, checked before restoring so a workdir from another
     architecture fails with one clear line). Saves are asynchronous; Orbax writes to a
-    temporary directory and renames it when complete, so a run killed mid-save leaves the
-    previous checkpoint intact. Once a save is complete, process 0 adds MANIFEST_FILE to
-    the step (`verify_step` checks it), so a corrupted or truncated step is found before it
-    is restored rather than loaded silently.
+    temporary directory and renames it when complete (on a bucket: writes in place, then a
+    commit marker), so a run killed mid-save leaves the previous checkpoint intact. Once the
+    step's files are complete and before Orbax commits them, process 0 adds MANIFEST_FILE
+    (`verify_step` checks it): a committed step always has its manifest, and a corrupted or
+    truncated one is found before it is restored rather than loaded silently.
     """
 
     def __init__(self, directory: str, keep: int, async_save: bool = True, best_mode: str | None = None):
@@ -138,11 +233,14 @@ class TrainCheckpoints(CheckpointReader):
             ))
         options = ocp.CheckpointManagerOptions(  # best_fn: Orbax writes metrics only when it is set
             create=True, enable_async_checkpointing=async_save, best_mode=best_mode or "max",
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest_before_commit)
+            if async_save else None,
             best_fn=None if best_mode is None else _selection_value,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         )
-        super().__init__(directory, ocp.CheckpointManager(paths.absolute(directory), options=options))
-        self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
+        super().__init__(directory, ocp.CheckpointManager(paths.orbax_path(directory), options=options))
+        self._unmanifested: int | None = None  # the step being saved, until its manifest is written
+        self._in_flight: int | None = None  # the step being saved, until `wait` has seen it finish
         report_storage_failures_once()
 
     def latest_verified_step(self) -> int | None:
@@ -166,14 +264,24 @@ class TrainCheckpoints(CheckpointReader):
         self.manager.reload()
         return str(target)
 
-    def _write_manifests(self) -> None:
-        """Manifests of the saves that Orbax has finished (call after wait_until_finished)."""
-        steps, self._unmanifested = self._unmanifested, []
-        if paths.is_writer():
-            kept = set(self.manager.all_steps())
-            for step in steps:
-                if step in kept:  # retention may already have removed it
-                    write_manifest(self.step_dir(step))
+    def _write_manifest_before_commit(self) -> None:
+        """Orbax calls this from its save thread once the step's files are complete and before
+        it commits them, so the manifest is in the step from the moment the step exists: no
+        kill can leave a committed step without one."""
+        if self._unmanifested is not None and paths.is_writer():
+            root = paths.path(self.directory)
+            temporary = [d for d in root.iterdir() if d.name.startswith(f"{self._unmanifested}{ORBAX_TEMPORARY}")]
+            write_manifest(max(temporary, key=lambda d: d.name) if temporary else root / str(self._unmanifested))
+        self._unmanifested = None
+
+    def _write_manifest_after_commit(self, step: int | None) -> None:
+        """Once Orbax has committed `step`: the files it rewrote at the commit added to the
+        manifest, or a synchronous save's whole manifest (no callback runs before its commit)."""
+        if step is None or not paths.is_writer() or step not in self.manager.all_steps():
+            return
+        if self._unmanifested is not None:
+            write_manifest(self.step_dir(step))
+        record_committed_files(self.step_dir(step))
 
     @contextlib.contextmanager
     def _storage_failures_named(self, step: int) -> Iterator[None]:
@@ -217,7 +325,7 @@ class TrainCheckpoints(CheckpointReader):
              metric: float | None = None) -> None:
         self.wait()  # the previous save's manifest first (Orbax would wait for that save anyway)
         self._check_room(step, state)
-        self._unmanifested.append(step)
+        self._unmanifested = self._in_flight = step
         with self._storage_failures_named(step):
             self.manager.save(
                 step,
@@ -238,9 +346,10 @@ class TrainCheckpoints(CheckpointReader):
         return restored["state"], restored["data"]
 
     def wait(self) -> None:
-        with self._storage_failures_named(max(self._unmanifested, default=0)):
+        with self._storage_failures_named(self._in_flight or 0):
             self.manager.wait_until_finished()
-            self._write_manifests()
+            self._write_manifest_after_commit(self._in_flight)
+        self._unmanifested = self._in_flight = None
 
     def close(self) -> None:
         self.wait()
@@ -265,19 +374,11 @@ def load_for_inference(path: str, step: int | None = None, mesh: Mesh | None = N
     """
     mesh = mesh or sharding.make_mesh(1, -1, 1)
     if is_training_dir(path):
-        ckpt = open_run(path)
-        steps = ckpt.steps()
-        if not steps:
-            raise UserError(f"training directory {path} has no finished checkpoint yet")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise UserError(f"training directory {path} has no checkpoint at step {step} "
-                            f"(has {', '.join(map(str, sorted(steps)))})")
-        if (problem := ckpt.verify(step)) is not None:
-            raise UserError(f"checkpoint at step {step} in {path} is corrupt: {problem}")
-        params, meta = ckpt.restore_params(step, mesh, param_dtype)
-        ckpt.close()
+        ckpt = CheckpointReader.retry_listing(lambda: open_run(path), path)
+        try:
+            step, params, meta = ckpt.read_params(step, mesh, param_dtype)
+        finally:
+            ckpt.close()
         config = ModelConfig.from_dict(meta["model_config"])
         if param_dtype is not None:
             config = config.replace(param_dtype=param_dtype)
@@ -289,106 +390,3 @@ def load_for_inference(path: str, step: int | None = None, mesh: Mesh | None = N
         config, params = load_model(path, mesh, param_dtype)
         return config, None, params, load_model_tokenizer(path)
     raise UserError(f"{path} is neither a training directory (with checkpoints/) nor a model directory")
-
-
-def verified_start(ckpt: TrainCheckpoints) -> int | None:
-    """The newest checkpoint step whose files match its manifest; each newer, corrupt one
-    is moved aside (never deleted) with one line saying why. None: start from scratch."""
-    step = ckpt.latest_step()
-    while step is not None and (problem := ckpt.verify(step)) is not None:
-        step = _set_aside(ckpt, step, f"is corrupt: {problem}")
-    return step
-
-
-def _set_aside(ckpt: TrainCheckpoints, step: int, why: str) -> int:
-    """Moves a bad step aside; the step to resume from instead (refusing to start over)."""
-    where = ckpt.set_aside(step)
-    previous = verified_start(ckpt)
-    if previous is None:
-        raise UserError(f"checkpoint at step {step} {why}; moved to {where}, and no earlier checkpoint is left: "
-                        "start again with a new --workdir")
-    status(f"warning: checkpoint at step {step} {why}; moved to {where}, resuming from step {previous}")
-    return previous
-
-
-def restore_newest_readable(ckpt: RunCheckpoints, step: int, abstract_state, shardings, meta, train_documents: int,
-                            allow_changes: bool) -> tuple[TrainState, int]:
-    """Restores `step`, or the newest earlier step that reads, when Orbax cannot read it (a
-    step without a manifest cannot be checked beforehand). Settings mismatches are not
-    corruption: they stop the run."""
-    while True:
-        try:
-            return ckpt.restore(step, abstract_state, shardings, meta, train_documents, allow_changes), step
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for unreadable files
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            step = _set_aside(ckpt, step, f"is unreadable ({type(e).__name__}: {reason})")
-
-
-class RunCheckpoints(TrainCheckpoints):
-    """Training checkpoints that carry and check the run's model / method configs."""
-
-    def _check_same_parameters(self, step: int, saved: dict[str, Any], meta: dict[str, Any]) -> None:
-        """The architecture and the think gate decide the parameter tree: a resume that
-        changes either is refused in one line (Orbax would fail to read every step)."""
-        if saved["model_config"] != meta["model_config"]:
-            differing = sorted(k for k in meta["model_config"]
-                               if saved["model_config"].get(k) != meta["model_config"][k])
-            raise UserError(f"checkpoint at step {step} in {self.directory} is for another model "
-                            f"(differs in: {', '.join(differing)}); use a new --workdir")
-        gate = lambda m: (m.get("quiet_star") or {}).get("think_gate", "")
-        if gate(saved) != gate(meta):
-            raise UserError(f"checkpoint at step {step} in {self.directory} was trained with think_gate "
-                            f"{gate(saved)!r}, this run has {gate(meta)!r}: the gate changes the parameters; use a "
-                            "new --workdir (init_from the run adds or drops the gate)")
-
-    def save(self, step: int, state: TrainState, meta: dict[str, Any],  # type: ignore[override]
-             metric: float | None = None, train_documents: int = 0) -> None:
-        # The data position: rows are a pure function of (seed, step, row) over this many
-        # training documents, so the next step is all a resume needs.
-        super().save(step, state.to_dict(), {"next_step": step, "train_documents": train_documents}, meta, metric)
-
-    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,  # type: ignore[override]
-                meta: dict[str, Any], train_documents: int = 0, allow_changes: bool = False) -> TrainState:
-        saved = self.restore_meta(step)
-        self._check_same_parameters(step, saved, meta)
-        changes = changed_settings(with_new_defaults(saved.get("settings", meta["settings"]), meta["settings"]),
-                                   meta["settings"])
-        if changes and not allow_changes:
-            raise UserError(f"checkpoint at step {step} in {self.directory} was trained with other settings "
-                            f"({'; '.join(changes)}); rerun with them, use a new --workdir, or pass "
-                            "--config.allow_config_change=True")
-        if changes:
-            status(f"warning: resuming step {step} with changed settings: {'; '.join(changes)}")
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-        )
-        state, data_state = super().restore(step, target.to_dict())
-        if data_state["next_step"] != step:
-            raise UserError(f"checkpoint at step {step} has inconsistent data state {data_state}")
-        saved_documents = data_state.get("train_documents", train_documents)
-        if saved_documents != train_documents:
-            status(f"warning: the checkpoint was trained on {saved_documents} documents, the data now has "
-                   f"{train_documents}: rows from step {step} on differ from an uninterrupted run")
-        return TrainState.from_dict(state)
-
-
-def with_new_defaults(saved_settings: dict[str, Any], current_settings: dict[str, Any]) -> dict[str, Any]:
-    """Saved run settings with the quiet_star options added since they were saved (present in
-    `current_settings`, absent from the checkpoint) at their defaults, which keep the old
-    behaviour: an older checkpoint resumes unchanged."""
-    saved_qs, current_qs = saved_settings.get("quiet_star"), current_settings.get("quiet_star")
-    if not isinstance(saved_qs, dict) or not isinstance(current_qs, dict):
-        return saved_settings
-    defaults = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)
-                if f.name in current_qs and f.name not in saved_qs}
-    return {**saved_settings, "quiet_star": {**defaults, **saved_qs}}
-
-
-def changed_settings(saved: Any, current: Any, name: str = "") -> list[str]:
-    """'key: saved -> current' for every leaf that differs."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [change for key in sorted(set(saved) | set(current))
-                for change in changed_settings(saved.get(key), current.get(key), f"{name}.{key}" if name else key)]
-    return [] if saved == current else [f"{name}: {saved!r} -> {current!r}"]

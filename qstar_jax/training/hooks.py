@@ -9,7 +9,9 @@ so evaluation can hand the checkpoint its selection metric and a hook can stop t
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import stat
 import time
 from typing import Any, Callable
 
@@ -17,8 +19,11 @@ import jax
 import numpy as np
 
 from qstar_jax.errors import UserError
-from qstar_jax.training.checkpoint import SELECTION_METRIC, RunCheckpoints
+from qstar_jax.training.checkpoint import SELECTION_METRIC
 from qstar_jax.training.metrics import MetricsLog
+from qstar_jax.training.resume import RunCheckpoints
+from qstar_jax.training.step import NO_BAD_STATE
+from qstar_jax.training.stop_signals import STOP_SIGNALS, take_held
 from qstar_jax.inference.evaluate import Evaluator
 from qstar_jax.inference.evaluate import evaluate as evaluate_examples
 from qstar_jax.inference.tasks import load_examples
@@ -33,14 +38,16 @@ class StepEnd:
     metrics: dict[str, jax.Array]  # the step's metrics, still on the device
     last: bool  # the run's last step
     saving: bool  # a checkpoint is due (every checkpoint_every steps, the last step, preemption)
+    first_bad: Any  # the first state no checkpoint may hold, by cause (step.first_bad_state), on the device
     selection: float | None = None  # the evaluation metric the checkpoint carries (set by `Evaluate`)
     stop: bool = False  # set by a hook: end the run after this step
 
 
 class LogMetrics:
     """Fetches the step's metrics (waiting for the steps dispatched before it), stops a run
-    whose loss is not finite before anything is saved, and writes them with throughput,
-    MFU against `peak_flops` and the learning rate."""
+    whose state went bad (a non-finite loss, params or optimizer state) before anything of it
+    is saved, and writes the metrics with throughput, MFU against `peak_flops` and the
+    learning rate. Runs before every save, so a bad state is never checkpointed."""
 
     def __init__(self, log: MetricsLog, ckpt: RunCheckpoints, learning_rate: Callable[[int], Any], start_step: int,
                  tokens_per_step: int, token_passes_per_step: int, step_flops: float, peak_flops: float):
@@ -51,11 +58,10 @@ class LogMetrics:
         self.last = (start_step, time.perf_counter())
 
     def __call__(self, end: StepEnd) -> None:
-        metrics = {k: float(v) for k, v in jax.device_get(end.metrics).items()}
-        if not np.isfinite(metrics["loss"]):
-            self.ckpt.wait()
-            raise UserError(f"non-finite loss ({metrics['loss']}) at step {end.step}; stopped without saving, "
-                            f"last good checkpoint: step {self.ckpt.latest_verified_step()}")
+        values, first_bad = jax.device_get((end.metrics, end.first_bad))
+        if min(first_bad) != NO_BAD_STATE:
+            raise self.ckpt.stop_at_bad_state(int(first_bad[0]), int(first_bad[1]))
+        metrics = {k: float(v) for k, v in values.items()}
         now = time.perf_counter()  # the fetch above waited for every step dispatched so far
         steps_per_s = (end.step - self.last[0]) / (now - self.last[1])
         self.last = (end.step, now)
@@ -86,17 +92,20 @@ class Evaluate:
 
 
 class SaveCheckpoint:
-    """Saves the state with the data position and run metadata; after a preemption request,
-    waits for the save and stops the run."""
+    """Saves the state with the data position and run metadata; after a stop request
+    (`Preemption`: SIGTERM, SIGHUP, Ctrl-C), waits for the save and stops the run."""
 
     def __init__(self, ckpt: RunCheckpoints, meta: dict[str, Any], train_documents: int, preempted: "Preemption"):
         self.ckpt, self.meta, self.train_documents, self.preempted = ckpt, meta, train_documents, preempted
 
     def __call__(self, end: StepEnd) -> None:
+        self.ckpt.wait()  # the previous save, with its manifest (`save` would wait for it anyway)
+        self.preempted.newest_checkpoint = self.ckpt.latest_step()  # what a stop at once leaves
         self.ckpt.save(end.step, end.state, self.meta, end.selection, self.train_documents)
         if self.preempted.requested:
             self.ckpt.wait()
-            print(f"preempted: saved checkpoint at step {end.step}, exiting", flush=True)
+            self.preempted.newest_checkpoint = end.step
+            print(f"{self.preempted.reason}: saved checkpoint at step {end.step}, exiting", flush=True)
             end.stop = True
 
 
@@ -151,32 +160,123 @@ def evaluate_tasks(evaluator: Evaluator, task_sets: list[tuple[str, list]]) -> d
     return metrics
 
 
+STOPPED_AT_ONCE_STATUS = 128 + signal.SIGINT  # what a shell reports for a command Ctrl-C stopped
+
+
 class Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary.
+    """Stop signals: SIGTERM (a preemption notice), SIGHUP (the terminal closed) and SIGINT
+    (Ctrl-C) stop the run without losing anything, and it exits 0 (a scheduler reruns it).
+
+    Installed before the run loads anything. While it loads and compiles there is nothing
+    new to save, so a request then ends the run once the step is compiled
+    (`before_first_step`); later the loop saves a checkpoint at the next step boundary and
+    stops (`SaveCheckpoint`). A SIGINT while a stop is already pending (Ctrl-C twice)
+    stops at once, with exit status 130: the workdir is then as a kill -9 leaves it (the
+    newest finished checkpoint resumes). Python runs handlers between bytecodes, so a
+    signal during a long native call (XLA compiling) acts when that returns; one that came
+    before this was installed (stop_signals.hold_early) acts now. A SIGHUP also points
+    stdout and stderr at /dev/null where they were a terminal or a pipe: their reader is
+    gone, and the next write to them (EIO, EPIPE) would end the run before it saves. A
+    signal the process ignores (SIGHUP under nohup, SIGINT in a background job) stays ignored.
 
     With several processes every host must save at the same step (the save is a
     collective), so there JAX's preemption service, which catches SIGTERM itself and
     agrees on a sync step through the coordinator, decides alone; installing our own
-    handler would replace its signal handler and let hosts stop at different steps.
+    SIGTERM handler would replace its signal handler and let hosts stop at different steps.
+    SIGHUP and a first SIGINT are passed to it as a SIGTERM to this process.
     """
 
     def __init__(self):
-        self.requested = False
-        # The sync-point counter: one check per step that saves no checkpoint anyway (the
-        # same steps in every process), monotonic across the stages of a curriculum chain
+        self.requested = False  # the run stops at this step (several processes: the sync point says so)
+        self.signal: int | None = None  # the first stop signal this process received
+        self.stepping = False  # past `before_first_step`
+        self.newest_checkpoint: int | None = None  # the newest finished step (SaveCheckpoint keeps it)
+        # The sync-point counter: one check before the first step and one per step that
+        # saves no checkpoint anyway (the same steps in every process), monotonic across the stages of a curriculum chain
         # (whose step numbers restart).
         self.checks = 0
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._handle)
+        self.multi_process = jax.process_count() > 1
+        self.console = [fd for fd in (1, 2) if _is_terminal_or_pipe(fd)]
+        for signum in STOP_SIGNALS:
+            left_to_jax = signum == signal.SIGTERM and self.multi_process
+            if not left_to_jax and signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, self._handle)
+        for signum in take_held():
+            self._handle(signum, None)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        if signum == signal.SIGINT and self.signal is not None:
+            self._stop_at_once()
+        if signum == signal.SIGHUP:
+            _silence(self.console)
+        self.signal = self.signal or signum
+        if self.multi_process:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service, for a step every host saves
+        else:
+            self.requested = True
+        if signum == signal.SIGINT and self.stepping:
+            _say("interrupted: saving a checkpoint at the next step, then stopping (Ctrl-C again stops at once, "
+                 "without saving)")
+        elif signum == signal.SIGINT:
+            _say("interrupted: stopping once the step is compiled, with nothing new to save (Ctrl-C again stops "
+                 "at once)")
+
+    def _stop_at_once(self) -> None:
+        """Ends the process now, as a kill -9 would, with one line: nothing runs after it
+        that could hang (a save in flight, a collective) or print a traceback."""
+        if not self.stepping:
+            _say("interrupted: stopped at once before the first step; nothing new to save")
+        elif self.newest_checkpoint is None:
+            _say("interrupted: stopped at once without saving; no checkpoint yet")
+        else:
+            _say(f"interrupted: stopped at once without saving; newest checkpoint: step {self.newest_checkpoint}")
+        os._exit(STOPPED_AT_ONCE_STATUS)
+
+    @property
+    def reason(self) -> str:
+        """Why the run stops, in its last line (another host's SIGTERM: preempted)."""
+        return STOP_SIGNALS.get(self.signal, "preempted")
+
+    def before_first_step(self, newest_checkpoint: int | None) -> bool:
+        """Call once the step is compiled, with the step the run resumed from: True, having
+        said so in one line, if a stop was requested while the run loaded and compiled
+        (nothing new exists to save; the checkpoints are untouched)."""
+        self.newest_checkpoint, self.stepping = newest_checkpoint, True
+        if self():
+            print(f"{self.reason} before the first step: nothing new to save", flush=True)
+            return True
+        return False
 
     def __call__(self) -> bool:
-        if jax.process_count() > 1:
+        if self.multi_process:
             from jax.experimental import multihost_utils
 
             self.checks += 1
             self.requested = multihost_utils.reached_preemption_sync_point(self.checks)
         return self.requested
+
+
+def _is_terminal_or_pipe(fd: int) -> bool:
+    try:
+        return os.isatty(fd) or stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:  # closed
+        return False
+
+
+def _silence(fds: list[int]) -> None:
+    """Points `fds` at /dev/null (async-signal-safe: no Python buffer is touched)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler: an os.write, since the main thread may be in
+    the middle of a print (a buffered write there would raise on re-entry), on a new line
+    after a terminal's progress line; nowhere if stderr is gone."""
+    try:
+        os.write(2, (("\n" if os.isatty(2) else "") + line + "\n").encode())
+    except OSError:
+        pass

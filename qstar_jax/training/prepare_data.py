@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         count = to_parquet(args.to_parquet, args.output, args.text_field, overwrite=args.overwrite)
         print(f"wrote {count} documents to {args.output}")
         return
+    if args.count < 1:
+        raise UserError(f"--count must be >= 1, got {args.count}")
     problems = paths.path(args.write_problems)
     if problems.is_dir():
         raise UserError(f"--write-problems needs a file name; {args.write_problems} is a directory")

@@ -80,6 +80,9 @@ class RunLock:
         import fcntl
 
         self.file.parent.mkdir(parents=True, exist_ok=True)
+        if self.file.exists() and not self.file.is_file():  # else reported as an unwritable workdir
+            raise UserError(f"{self.file} is not a lock file (a directory or device is in its place); move it "
+                            "away and rerun")
         fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,19 +111,28 @@ class RunLock:
                 return False
             raise
 
+    # One generation of the lock object, named by keyword: gcsfs would split a path written
+    # "NAME#GENERATION" at the first '#' or '?' of a workdir whose name holds one.
+    def _read_generation(self, fs, generation) -> bytes:
+        return fs.cat_file(str(self.file), generation=generation)
+
+    def _delete_generation(self, fs, generation) -> None:
+        bucket, key, _ = fs.split_path(str(self.file))
+        fs.call("DELETE", "b/{}/o/{}", bucket, key, generation=generation)
+
     def _acquire_remote(self) -> None:
         if self._create_remote():
             return
         fs = self._fs()
         info = fs.info(str(self.file))
-        holder = _read_json(fs.cat_file(f"{self.file}#{info['generation']}"))
+        holder = _read_json(self._read_generation(fs, info["generation"]))
         age = _now() - float(holder.get("heartbeat", 0))
         if age < self.stale_after_s:
             raise WorkdirLocked(f"workdir {self.file.parent} is in use by another run ({_describe(holder)}, "
                                 f"heartbeat {age:.0f} s ago; a lock silent for {self.stale_after_s:.0f} s is "
                                 "taken over); wait for it to finish or use another --workdir")
         try:  # that generation only: a run that took it over meanwhile keeps its own
-            fs.rm_file(f"{self.file}#{info['generation']}")
+            self._delete_generation(fs, info["generation"])
         except FileNotFoundError:
             pass
         if not self._create_remote():
@@ -164,8 +176,8 @@ class RunLock:
             fs = self._fs()
             try:
                 info = fs.info(str(self.file))
-                if _read_json(fs.cat_file(f"{self.file}#{info['generation']}")).get("token") == self.token:
-                    fs.rm_file(f"{self.file}#{info['generation']}")
+                if _read_json(self._read_generation(fs, info["generation"])).get("token") == self.token:
+                    self._delete_generation(fs, info["generation"])
             except FileNotFoundError:
                 pass
 

@@ -234,7 +234,8 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh, batch_sharding, student_v
 
 # The settings besides the architecture that decide what a run computes; a checkpoint
 # records them, and a resume that changes one is refused unless allow_config_change.
-RESULT_SETTINGS = ("method", "seed", "batch_size", "grad_accum", "quiet_star", "ntp", "data", "optimizer")
+RESULT_SETTINGS = ("method", "seed", "batch_size", "grad_accum", "quiet_star", "ntp", "data", "optimizer", "tokenizer",
+                   "tokenizer_type", "tokenizer_vocab_size")
 
 
 def result_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -245,5 +246,8 @@ def result_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def run_meta(model_config: ModelConfig, qs: QuietStarConfig | None, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint records of its run. `follows_steps`: the settings derived from
+    `steps` (which may change on a resume: a run is extended or stopped early)."""
     return {"model_config": model_config.to_dict(), "quiet_star": None if qs is None else qs.__dict__.copy(),
-            "settings": result_settings(cfg)}
+            "settings": result_settings(cfg),
+            "follows_steps": [] if cfg.optimizer.total_steps else ["optimizer.total_steps"]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -47,6 +48,19 @@ class OptimizerConfig:
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise UserError(f"optimizer.warmup_steps must be >= 0 and optimizer.total_steps >= 1, got "
                             f"{self.warmup_steps} and {self.total_steps}")
+        # A NaN or negative learning rate (or a moment decay of 1) trains, and saves, garbage:
+        # every float setting is checked here, before anything is loaded or compiled.
+        for name, (low, low_allowed, high) in OPTIMIZER_RANGES.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > low or (low_allowed and value == low)) and value < high):
+                interval = f"{'[' if low_allowed else '('}{low:g}, {high:g})"
+                raise UserError(f"optimizer.{name} must be a finite number in {interval}, got {value!r}")
+
+
+# Every float setting of the optimizer: (lowest value, whether it is allowed, upper bound, excluded).
+OPTIMIZER_RANGES = {"learning_rate": (0.0, True, math.inf), "weight_decay": (0.0, True, math.inf),
+                    "grad_clip_norm": (0.0, False, math.inf), "b1": (0.0, True, 1.0), "b2": (0.0, True, 1.0),
+                    "eps": (0.0, False, math.inf)}
 
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -184,7 +198,29 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+    metrics[FIRST_BAD_STATE] = first_bad_state(state.step, metrics["loss"], new_state)
     return new_state, metrics
+
+
+# The metric naming the first state (steps done) that a checkpoint must not hold, by cause:
+# [the loss computed from it is not finite, it is not finite itself]; NO_BAD_STATE: none.
+FIRST_BAD_STATE = "first_bad_state"
+NO_BAD_STATE = 2**31 - 1
+
+
+def first_bad_state(steps_before: jax.Array, loss: jax.Array, new_state: TrainState) -> jax.Array:
+    """[the state this step started from if the loss computed from it is not finite (finite
+    but ruinous weights, e.g. a huge learning rate), the state it made if its params or
+    optimizer state are not finite], NO_BAD_STATE where fine. One reduction over the state
+    the update has just written, inside the jitted step, so the host learns it without
+    reading the state back; `earliest_bad_state` keeps the first across steps."""
+    state_finite = jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(
+        (new_state.params, new_state.opt_state)) if jnp.issubdtype(leaf.dtype, jnp.inexact)]))
+    return jnp.stack([jnp.where(jnp.isfinite(loss), NO_BAD_STATE, steps_before),
+                      jnp.where(state_finite, NO_BAD_STATE, steps_before + 1)]).astype(jnp.int32)
+
+
+earliest_bad_state = jax.jit(jnp.minimum)  # (so far, this step's) -> so far, on the device: no wait
 
 
 def abstract_state_and_shardings(params_fn: Callable[[], Params], optimizer: optax.GradientTransformation, mesh):

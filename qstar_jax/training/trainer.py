@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -23,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from qstar_jax import paths
 from qstar_jax.errors import UserError
@@ -34,7 +36,7 @@ from qstar_jax.models.config import ModelConfig
 from qstar_jax.tokenizer import Tokenizer
 from qstar_jax.training import checkpoint, curriculum, data, flops, run_lock
 from qstar_jax.training.batches import TOKENIZER_DOCUMENTS, Batches
-from qstar_jax.training.checkpoint import RunCheckpoints, restore_newest_readable, verified_start
+from qstar_jax.training.resume import FRESH_START_SETTING, RunCheckpoints, restore_newest_readable, verified_start
 from qstar_jax.training.hooks import (
     Evaluate,
     LogMetrics,
@@ -45,6 +47,7 @@ from qstar_jax.training.hooks import (
     parse_eval_tasks,
 )
 from qstar_jax.training.metrics import MetricsLog, status
+from qstar_jax.training.workdir import check_fresh_start, check_workdir
 from qstar_jax.training.preflight import configured_mesh, device_capacity, run_preflight
 from qstar_jax.training.setup import (
     check_method,
@@ -59,8 +62,11 @@ from qstar_jax.training.setup import (
     run_meta,
 )
 from qstar_jax.training.step import (
+    FIRST_BAD_STATE,
+    NO_BAD_STATE,
     TrainState,
     abstract_state_and_shardings,
+    earliest_bad_state,
     init_train_state,
     learning_rate_schedule,
     loss_fn_for,
@@ -90,12 +96,14 @@ class Trainer:
 
     def run(self, state: TrainState, step: int) -> bool:
         """Trains from `step` to `steps`; False if a hook stopped the run (preemption)."""
+        first_bad = np.full(2, NO_BAD_STATE, np.int32)
         while step < self.steps:
             state, metrics = self.step_fn(state, *self.inputs_at(step))
+            first_bad = earliest_bad_state(first_bad, metrics.pop(FIRST_BAD_STATE))
             step += 1
             last = step == self.steps
             saving = step % self.checkpoint_every == 0 or last or self.preempted()
-            end = StepEnd(step, state, metrics, last, saving)
+            end = StepEnd(step, state, metrics, last, saving, first_bad)
             for hook, every, on_save, on_last in self.hooks:
                 if (every and step % every == 0) or (on_save and saving) or (on_last and last):
                     hook(end)
@@ -111,16 +119,43 @@ POSITIVE_SETTINGS = ("steps", "batch_size", "grad_accum", "log_every", "checkpoi
                      "eval_batches")
 
 
+# Run settings that count something and may be 0 (0 = never, all, or the newest).
+NON_NEGATIVE_SETTINGS = ("eval_every", "init_step", "data.max_documents", "data.eval_documents", "ntp.teacher_step")
+
+
+def config_numbers(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, float]:
+    """Every number in the config, by its dotted name."""
+    numbers = {}
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            numbers.update(config_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[f"{prefix}{key}"] = value
+    return numbers
+
+
 def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
+    numbers = config_numbers(cfg)
+    for name, value in numbers.items():  # a NaN passes every comparison below
+        if not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}")
     for name in POSITIVE_SETTINGS:
-        if cfg[name] < 1:
-            raise UserError(f"{name} must be >= 1, got {cfg[name]}")
-    if cfg.eval_every < 0:
-        raise UserError(f"eval_every must be >= 0 (0 = never), got {cfg.eval_every}")
+        if numbers[name] < 1:
+            raise UserError(f"{name} must be >= 1, got {numbers[name]}")
+    for name in NON_NEGATIVE_SETTINGS:
+        if numbers[name] < 0:
+            raise UserError(f"{name} must be >= 0 (0 = never, all or the newest), got {numbers[name]}")
     if cfg.profile_steps < 0 or cfg.profile_after < 0:
         raise UserError(f"profile_steps and profile_after must be >= 0, got {cfg.profile_steps}, {cfg.profile_after}")
     if cfg.data.seq_len < 2:
         raise UserError(f"data.seq_len must be >= 2 (a token and its successor), got {cfg.data.seq_len}")
+    talks = [("quiet_star.n_ahead_talk", cfg.quiet_star.n_ahead_talk)] if cfg.method == "quiet_star" else []
+    talks += [(f"curriculum stage {s.get('name')!r}'s n_ahead_talk", s["n_ahead_talk"])
+              for s in cfg.curriculum.stages if s.get("n_ahead_talk") is not None]
+    for name, talk in talks:  # found later, a shape error after a compile, or thoughts never rewarded
+        if cfg.data.seq_len <= talk:
+            raise UserError(f"data.seq_len ({cfg.data.seq_len}) must be greater than {name} ({talk}): no position "
+                            f"would have its {talk} true next tokens in the row, so no thought could be rewarded")
     # The option dataclasses check their own values; building them here makes those
     # checks run before the workdir is locked or anything is written there.
     optimizer_config(cfg)
@@ -134,8 +169,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = F
     check_run_settings(cfg)
     if cfg.profile_steps and paths.is_remote(workdir):
         raise UserError(f"profile_steps writes a local trace; --workdir {workdir} is in a bucket (profile a local run)")
-    if workdir and paths.path(workdir).exists() and not paths.path(workdir).is_dir():
-        raise UserError(f"--workdir {workdir} is a file, not a directory")
+    if workdir and not preflight_only:
+        check_workdir(workdir)
     init_distributed(cfg.distributed)
     if cfg.compilation_cache_dir:
         # JAX keys entries by program, compiler options and versions, so a stale hit cannot happen.
@@ -178,8 +213,10 @@ def start_or_resume(cfg: ml_collections.ConfigDict, workdir: str, mesh, optimize
     """The state at the newest verified checkpoint, or built from `init_from` (or a random
     init) at step 0, with the model files written beside the checkpoints."""
     clock = time.perf_counter()
-    start_step = verified_start(ckpt)
+    moved: list[str] = []  # steps set aside as unusable
+    start_step = verified_start(ckpt, moved)
     if start_step is None:
+        check_fresh_start(workdir, cfg[FRESH_START_SETTING])
         model_config, params, tokenizer = load_base_model(
             cfg, data.leading_documents(train_docs, TOKENIZER_DOCUMENTS), workdir, mesh)
         model_config, qs, params, tokenizer = prepare_method(cfg, model_config, params, tokenizer)
@@ -196,7 +233,9 @@ def start_or_resume(cfg: ml_collections.ConfigDict, workdir: str, mesh, optimize
     meta = run_meta(model_config, qs, cfg)
     abstract_state, state_shardings = abstract_state_and_shardings(params_shape_fn(model_config, qs), optimizer, mesh)
     state, start_step = restore_newest_readable(ckpt, start_step, abstract_state, state_shardings, meta,
-                                                len(train_docs), cfg.allow_config_change)
+                                                len(train_docs), cfg.allow_config_change, moved)
+    for line in moved:
+        status(f"warning: checkpoint at {line}; resuming from step {start_step}")
     status(f"resumed from step {start_step} in {workdir} ({time.perf_counter() - clock:.1f} s)")
     return RunStart(model_config, qs, tokenizer, state, state_shardings, meta, start_step)
 
@@ -313,6 +352,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
     With `selection`, every checkpoint carries that evaluation metric and the best one is
     kept whatever `keep_checkpoints` says (a curriculum stage picks it for the next stage).
     """
+    preempted = preempted or Preemption()  # stop signals from here on lose nothing (hooks.Preemption)
     optimizer = make_optimizer(optimizer_config(cfg))
     mesh = run_mesh(cfg, optimizer)
     paths.path(workdir).mkdir(parents=True, exist_ok=True)
@@ -328,7 +368,9 @@ def train_run(cfg: ml_collections.ConfigDict, workdir: str, selection: curriculu
                               run.state_shardings, run_inputs.batches.sharding)
     step_fn = step_fn.lower(run.state, *run_inputs.input_shapes).compile()
     status(f"compiled the train step in {time.perf_counter() - clock:.1f} s")
-    trainer = Trainer(step_fn, run_inputs.inputs_at, cfg.steps, cfg.checkpoint_every, preempted or Preemption())
+    if preempted.before_first_step(ckpt.latest_step()):
+        return False
+    trainer = Trainer(step_fn, run_inputs.inputs_at, cfg.steps, cfg.checkpoint_every, preempted)
     log = MetricsLog(workdir, cfg.steps, run.step, cfg.wandb_project, cfg.to_dict())
     add_hooks(trainer, cfg, workdir, run, ckpt, log, run_inputs.eval_batches, len(train_docs), selection)
     finished = trainer.run(run.state, run.step)
