@@ -63,6 +63,20 @@ def running_emulator(bucket: str, workdir: str) -> Iterator[dict[str, str]]:
         proc.wait()
 
 
+@contextlib.contextmanager
+def emulator_in_this_process(bucket: str, workdir: str, monkeypatch) -> Iterator[dict[str, str]]:
+    """`running_emulator`, with its environment set in this process too (for gcsfs here and
+    in subprocesses); gcsfs instances made before are forgotten, before and after."""
+    with running_emulator(bucket, workdir) as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        import gcsfs
+
+        gcsfs.GCSFileSystem.clear_instance_cache()  # instances made before the env was set
+        yield env
+        gcsfs.GCSFileSystem.clear_instance_cache()
+
+
 def object_names(env: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
     """Every object name under `prefix`, straight from the JSON API."""
     names, token = [], ""

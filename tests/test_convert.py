@@ -211,19 +211,14 @@ def test_bucket_outputs_are_refused_replaced_and_never_partial(tmp_path, monkeyp
     """gs:// outputs through the path layer (a GCS emulator) are written in place: refused
     when there, the file readers look for written last (so a conversion killed outright
     leaves no model), and one that fails, replacing an old one, leaves no object."""
-    from gcs_emulator import object_names, running_emulator
+    from gcs_emulator import emulator_in_this_process, object_names
 
     hf_dir = str(tmp_path / "hf")
     make_tiny_hf_model("llama_tied", hf_dir)
     train_bpe_json(hf_dir)
     written, write_bytes = [], paths.write_bytes
     monkeypatch.setattr(paths, "write_bytes", lambda p, data: written.append(paths.path(p).name) or write_bytes(p, data))
-    with running_emulator("convert-test", str(tmp_path)) as env:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        import gcsfs
-
-        gcsfs.GCSFileSystem.clear_instance_cache()  # instances made before the env was set
+    with emulator_in_this_process("convert-test", str(tmp_path), monkeypatch) as env:
         model_dir, out_dir = "gs://convert-test/model", "gs://convert-test/hf"
         convert.main(["--hf-checkpoint", hf_dir, "--output", model_dir])
         assert "tokenizer.json" in written and written[-1] == model_files.MODEL_CONFIG_FILE
@@ -241,4 +236,3 @@ def test_bucket_outputs_are_refused_replaced_and_never_partial(tmp_path, monkeyp
         with pytest.raises(OSError, match="No space left"):
             convert.main(["--to-hf", "--checkpoint", model_dir, "--output", out_dir, "--overwrite"])
         assert object_names(env, "convert-test", "hf/") == []
-        gcsfs.GCSFileSystem.clear_instance_cache()

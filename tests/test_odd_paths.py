@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gcs_emulator import object_names, running_emulator
+from gcs_emulator import emulator_in_this_process, object_names
 from test_tasks import RECORDS, write_jsonl
 from test_train import REPO, assert_ok, run_train
 
@@ -113,14 +113,8 @@ def test_model_directory_converted_into_an_odd_path_reads_back(tmp_path):
 @pytest.fixture()
 def bucket_env(tmp_path, monkeypatch):
     """fake-gcs-server for this test, in this process's environment and its subprocesses'."""
-    with running_emulator(BUCKET, str(tmp_path)) as env:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        import gcsfs
-
-        gcsfs.GCSFileSystem.clear_instance_cache()  # instances made before the env was set
+    with emulator_in_this_process(BUCKET, str(tmp_path), monkeypatch) as env:
         yield env
-        gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 def test_bucket_odd_workdir_trains_resumes_and_generates(bucket_env):

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from gcs_emulator import running_emulator
+from gcs_emulator import emulator_in_this_process
 
 from qstar_jax.training import run_lock
 
@@ -15,14 +15,8 @@ BUCKET = "lock-test"
 
 @pytest.fixture()
 def bucket(tmp_path, monkeypatch):
-    with running_emulator(BUCKET, str(tmp_path)) as env:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        import gcsfs
-
-        gcsfs.GCSFileSystem.clear_instance_cache()  # instances made before the env was set
+    with emulator_in_this_process(BUCKET, str(tmp_path), monkeypatch):
         yield f"gs://{BUCKET}/odd [a]*?#% :é/run"  # gcsfs reads '#' and '?' in a path as a generation
-        gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 def _record(workdir):
