@@ -75,17 +75,8 @@ class MetricsLog:
         """The lines of earlier starts up to `start_step`, the checkpoint this start resumes
         from: the steps after it are trained again and logged again, so their first log
         (and a line cut short by a kill) is dropped rather than left to appear twice."""
-        if not self.jsonl_path.exists():
-            return []
-        kept = []
-        for line in self.jsonl_path.read_text().splitlines(keepends=True):
-            try:
-                step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):
-                continue
-            if step <= start_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        return kept
+        return [line if line.endswith("\n") else line + "\n"
+                for step, line in logged_lines(self.jsonl_path) if step <= start_step]
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -138,6 +129,21 @@ class MetricsLog:
         self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def logged_lines(metrics_file: paths.PathLike) -> list[tuple[int, str]]:
+    """(step, line) of each whole line of a metrics log, in order (a line cut short by a kill,
+    or anything else that is no logged step, is skipped); none if there is no log."""
+    metrics_file = paths.path(metrics_file)
+    if not metrics_file.exists():
+        return []
+    logged = []
+    for line in metrics_file.read_text().splitlines(keepends=True):
+        try:
+            logged.append((int(json.loads(line)["step"]), line))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return logged
 
 
 def newest_checkpoint(workdir: str) -> str:

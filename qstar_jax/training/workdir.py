@@ -5,14 +5,12 @@ trained before but left no usable checkpoint."""
 
 from __future__ import annotations
 
-import json
-
 from qstar_jax import paths
 from qstar_jax.errors import UserError
 from qstar_jax.models.model_files import MODEL_CONFIG_FILE, TOKENIZER_DIR, is_model_dir
 from qstar_jax.training.checkpoint import CHECKPOINTS_DIR, CORRUPT_DIR
 from qstar_jax.training.curriculum import CHAIN_FILE, MODEL_DIR, SUMMARY_FILE
-from qstar_jax.training.metrics import METRICS_FILE
+from qstar_jax.training.metrics import METRICS_FILE, logged_lines
 from qstar_jax.training.resume import FRESH_START_SETTING
 from qstar_jax.training.run_lock import LOCK_FILE
 
@@ -49,20 +47,6 @@ def check_workdir(workdir: str) -> None:
                         "overwrite them; use a new or empty --workdir")
 
 
-def logged_steps(workdir: str) -> list[int]:
-    """The steps metrics.jsonl logs (lines cut short by a kill are skipped)."""
-    metrics_file = paths.path(workdir) / METRICS_FILE
-    if not metrics_file.exists():
-        return []
-    steps = []
-    for line in paths.read_text(metrics_file, "metrics log").splitlines():
-        try:
-            steps.append(int(json.loads(line)["step"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return steps
-
-
 def earlier_run(workdir: str) -> list[str]:
     """What shows that a run trained in `workdir` before: steps it set aside as unusable,
     steps it logged. Empty where nothing would be lost by starting at step 0 (a new
@@ -71,7 +55,7 @@ def earlier_run(workdir: str) -> list[str]:
     corrupt = paths.path(workdir) / CORRUPT_DIR
     if corrupt.is_dir() and (names := sorted(p.name for p in corrupt.iterdir())):
         found.append(f"checkpoints set aside in {CORRUPT_DIR}/: {', '.join(names)}")
-    if steps := logged_steps(workdir):
+    if steps := [step for step, _ in logged_lines(paths.path(workdir) / METRICS_FILE)]:
         found.append(f"{METRICS_FILE} logs steps {min(steps)} to {max(steps)}")
     return found
 
