@@ -126,9 +126,10 @@ def test_at_init_mixed_prediction_is_base_and_policy_loss_is_zero():
 
 
 def test_loss_terms_match_hand_computation():
-    """Two passes, one position with a complete talk horizon: check every formula by hand."""
+    """Two passes, one position with a complete talk horizon: check every formula by hand.
+    Under the official policy positions (j <= N-2-C = -1 here) no position is scored."""
     qs = QuietStarConfig(n_ahead=4, n_ahead_talk=2, n_passes=2, start_token_id=0, end_token_id=1,
-                         policy_loss_weight=10.0, base_loss_weight=0.25)
+                         policy_loss_weight=10.0, base_loss_weight=0.25, policy_positions="full_horizon")
     from qstar_jax.method.heads import Rollout
 
     base = jnp.array([[-1.0, -2.0, -3.0]])  # B=1, N=3
@@ -145,6 +146,10 @@ def test_loss_terms_match_hand_computation():
     np.testing.assert_allclose(t.nll_base, nll_base)
     np.testing.assert_allclose(t.nll_talk, nll_talk)
     np.testing.assert_allclose(t.loss, 0.25 * nll_base + 0.75 * nll_talk + t.policy_loss, rtol=1e-6)
+    np.testing.assert_allclose(t.raw_reward_BxPxN[0, :, 0], [1.5, -1.0])  # the official logged reward
+    official = loss_terms(qs.replace(policy_positions="official"), r)
+    assert not bool(official.eligible_BxN.any()) and float(official.policy_loss) == 0.0
+    np.testing.assert_allclose(official.nll_talk, nll_talk)  # the NLL terms do not depend on the cut
 
 
 def test_thought_embedding_gradient_is_scaled():
@@ -350,7 +355,8 @@ def test_a_lone_thought_is_rewarded_by_its_raw_gain():
     is the thought's own gain over the base, clipped at 0, as in the official code."""
     from qstar_jax.method.heads import Rollout
 
-    qs = QuietStarConfig(n_ahead=4, n_ahead_talk=1, n_passes=1, start_token_id=0, end_token_id=1)
+    qs = QuietStarConfig(n_ahead=4, n_ahead_talk=1, n_passes=1, start_token_id=0, end_token_id=1,
+                         policy_positions="full_horizon")
     base = jnp.array([[-1.0, -2.0, -3.0]])
     valid_c = jnp.array([[[True, True, False]]])
     talk = jnp.array([[[[-0.25, -2.5, 0.0]]]])  # gains +0.75 and -0.5
@@ -360,6 +366,8 @@ def test_a_lone_thought_is_rewarded_by_its_raw_gain():
     np.testing.assert_allclose(loss_terms(qs.replace(clip_negative_rewards=False), r).reward_BxPxN[0, 0],
                                [0.75, -0.5, 0.0])
     assert float(loss_terms(qs, r).policy_loss) != 0.0
+    official = qs.replace(policy_positions="official", clip_negative_rewards=False)  # j <= N-2-C = 0
+    np.testing.assert_allclose(loss_terms(official, r).reward_BxPxN[0, 0], [0.75, 0.0, 0.0])
 
 
 def test_a_nonnegative_mixing_weight_is_the_magnitude_and_learns_from_init():
@@ -441,7 +449,8 @@ def test_the_think_gate_learns_the_gain_and_leaves_every_other_gradient_alone(ki
     base_CxBxN = jnp.stack([jnp.concatenate([r.base_logp_BxN[:, i:], jnp.zeros((2, i))], 1) for i in range(c)])
     gain_BxN = jnp.where(r.target_valid_CxBxN[:, :, None], r.talk_logp_CxBxPxN - base_CxBxN[:, :, None], 0.0
                          ).sum(0).mean(1)
-    eligible_BxN = r.target_valid_CxBxN.all(0)
+    n = r.target_valid_CxBxN.shape[2]  # the official policy positions: j <= N-2-C, whole horizon real
+    eligible_BxN = r.target_valid_CxBxN.all(0) & (jnp.arange(n) <= n - 2 - c)[None, :]
     expected = jnp.sum(jnp.where(eligible_BxN, (r.think_gate_BxN - gain_BxN) ** 2, 0.0)) / eligible_BxN.sum()
     _, metrics = quiet_star_loss(config, qs, params, tokens, valid, rng)
     np.testing.assert_allclose(metrics["think_gate_loss"], expected, rtol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.errors import UserError
-from qstar_jax.models.transformer import apply_lm, init_params
+from qstar_jax.models.transformer import INIT_STD, apply_lm, init_params
 from qstar_jax.models.vocab import grow_vocab
 from qstar_jax.tokenizer import (
     END_THOUGHT,
@@ -85,20 +85,25 @@ def test_unreadable_tokenizer_files_are_one_clear_error(tmp_path):
         load_tokenizer(str(directory))
 
 
-def test_grow_vocab_adds_rows_and_keeps_old_logits(tokenizer_dir):
+def test_grow_vocab_draws_new_rows_as_the_official_resize_and_keeps_old_logits(tokenizer_dir):
+    """transformers 4.37's resize (the official code's) draws new embedding and LM-head rows
+    from the model's normal(0.02) initialiser; old rows, and so old logits, are unchanged."""
     tokenizer = load_tokenizer(tokenizer_dir)
     config = ModelConfig("llama", tokenizer.vocab_size, 32, 64, 2, 4, 2, 8)
     params = init_params(config, jax.random.key(0))
-    dash_id = tokenizer.encode("---")[0]
-    dash_D = params["embed_tokens"]["embedding"][dash_id]
     start_id, end_id = add_thought_tokens(tokenizer)
-    grown_config, grown = grow_vocab(config, params, tokenizer.vocab_size, {start_id: dash_D, end_id: dash_D})
+    grown_config, grown = grow_vocab(config, params, tokenizer.vocab_size, jax.random.key(1), redraw_ids=[3])
     assert grown_config.vocab_size == config.vocab_size + 2
-    np.testing.assert_array_equal(grown["embed_tokens"]["embedding"][end_id], dash_D)
-    np.testing.assert_array_equal(grown["lm_head"]["kernel"][:, start_id], dash_D)
+    head_VxD, embed_VxD = np.asarray(grown["lm_head"]["kernel"]).T, np.asarray(grown["embed_tokens"]["embedding"])
+    drawn = np.concatenate([head_VxD[[3, start_id, end_id]], embed_VxD[[3, start_id, end_id]]]).ravel()
+    assert abs(drawn.std() - INIT_STD) < 0.1 * INIT_STD and abs(drawn.mean()) < 0.2 * INIT_STD  # 192 draws
+    assert not np.array_equal(head_VxD[start_id], embed_VxD[start_id])  # independent draws
+    assert not np.array_equal(head_VxD[3], np.asarray(params["lm_head"]["kernel"]).T[3])  # redrawn in place
+    kept = [i for i in range(config.vocab_size) if i != 3]
+    np.testing.assert_array_equal(embed_VxD[kept], np.asarray(params["embed_tokens"]["embedding"])[kept])
     tokens = jnp.asarray([tokenizer.encode(TEXTS[2])])
     old, new = apply_lm(config, params, tokens), apply_lm(grown_config, grown, tokens)
-    np.testing.assert_allclose(new[..., : config.vocab_size], old, atol=1e-6)
+    np.testing.assert_allclose(new[..., kept], old[..., kept], atol=1e-6)
     assert apply_lm(grown_config, grown, jnp.asarray([tokenizer.encode(TEXTS[0])])).shape[-1] == grown_config.vocab_size
     with pytest.raises(ValueError, match="cannot shrink"):
-        grow_vocab(config, params, config.vocab_size - 1, {})
+        grow_vocab(config, params, config.vocab_size - 1, jax.random.key(1))

@@ -406,7 +406,7 @@ def _one_line_error(result, *fragments):
     ("keep_checkpoints", 0, "keep_checkpoints must be >= 1"),
     ("eval_every", -1, "eval_every must be >= 0"),
     ("data.eval_documents", -5, "data.eval_documents must be >= 0"),
-    ("data.seq_len", 4, "data.seq_len (4) must be greater than quiet_star.n_ahead_talk (4)"),
+    ("data.seq_len", 5, "data.seq_len (5) must be at least quiet_star.n_ahead_talk (4) + 2 under policy_positions"),
     ("quiet_star.policy_loss_weight", float("nan"), "quiet_star.policy_loss_weight must be a finite number, got nan"),
     ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate must be a finite number, got nan"),
     ("optimizer.learning_rate", -1e-3, "optimizer.learning_rate must be a finite number in [0, inf), got -0.001"),
@@ -414,6 +414,7 @@ def _one_line_error(result, *fragments):
     ("optimizer.eps", 0.0, "optimizer.eps must be a finite number in (0, inf), got 0.0"),
     ("profile_steps", -1, "profile_steps and profile_after must be >= 0"),
     ("data.seq_len", 1, "data.seq_len must be >= 2"),
+    ("quiet_star.policy_positions", "all", "policy_positions must be one of 'official', 'full_horizon', got 'all'"),
     ("optimizer.schedule", "cosin", "optimizer.schedule must be one of constant, linear, cosine, got 'cosin'"),
 ])
 def test_bad_run_settings_fail_before_anything_runs(tmp_path, key, value, message):

@@ -55,6 +55,20 @@ def talk_targets(tokens_BxN: jax.Array, segments_BxN: jax.Array, n_talk: int) ->
     return targets, valid
 
 
+def policy_positions_BxN(qs: QuietStarConfig, target_valid_CxBxN: jax.Array) -> jax.Array:
+    """The positions REINFORCE scores (and the think gate learns at): every talk target real.
+
+    The official code scores j = 0 .. N-2-C of a row of N tokens (C = n_ahead_talk): its
+    reward slice ends one position before the last whole talk horizon. `policy_positions
+    = "official"` keeps that cut; "full_horizon" also scores j = N-1-C.
+    """
+    eligible_BxN = target_valid_CxBxN.all(axis=0)
+    if qs.policy_positions == "official":
+        n = eligible_BxN.shape[1]
+        eligible_BxN = eligible_BxN & (jnp.arange(n) <= n - 2 - target_valid_CxBxN.shape[0])[None, :]
+    return eligible_BxN
+
+
 class BasePass(NamedTuple):
     """Step 0, and what every thought step needs from it."""
 

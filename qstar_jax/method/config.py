@@ -8,6 +8,11 @@ from typing import Any
 from qstar_jax.errors import UserError
 
 THINK_GATES = ("", "linear", "mlp")
+# Which positions REINFORCE scores (docs/method.md, "Policy positions"). "official": as the
+# official code, j <= N-2-C in a row of N tokens (C = n_ahead_talk), and only where every talk
+# target is real text. "full_horizon": also j = N-1-C, the last position whose whole talk
+# horizon lies inside the row (this implementation's rule before it followed the official one).
+POLICY_POSITIONS = ("official", "full_horizon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,11 @@ class QuietStarConfig:
     policy_loss_weight: float = 1e6
     base_loss_weight: float = 0.5  # the talk NLL gets 1 - base_loss_weight
     clip_negative_rewards: bool = True
+    policy_positions: str = "official"  # see POLICY_POSITIONS
+    # A control, not a method: the baselined rewards are permuted at random across the batch's
+    # scored (row, position) pairs before REINFORCE, so thoughts are reinforced by rewards with
+    # the same distribution but no relation to what they did (docs/toy_experiment.md).
+    shuffle_rewards: bool = False
     # False (official): the mixing weight w is used unsquashed. True: |w|, a deviation
     # that keeps a negative w from inverting the reward (docs/method.md, docs/toy_experiment.md).
     nonnegative_mixing_weight: bool = False
@@ -70,6 +80,9 @@ class QuietStarConfig:
             raise UserError(f"rollout_impl must be 'scan' or 'two_pass', got {self.rollout_impl!r}")
         if self.rollout_impl == "two_pass" and self.attention_impl != "parallel":
             raise UserError("attention_impl='dense_mask' runs only with rollout_impl='scan'")
+        if self.policy_positions not in POLICY_POSITIONS:
+            raise UserError(f"policy_positions must be one of {', '.join(map(repr, POLICY_POSITIONS))}, "
+                            f"got {self.policy_positions!r}")
         if self.think_gate not in THINK_GATES:
             raise UserError(f"think_gate must be one of {', '.join(map(repr, THINK_GATES))}, got {self.think_gate!r}")
         if not 0.0 < self.think_share <= 1.0 or not 0.0 <= self.think_explore <= 1.0:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import chex
 import jax
 
-from qstar_jax.method.base_pass import LM, BasePass, Sites, all_sites, base_pass, chosen_sites, lm_functions
+from qstar_jax.method.base_pass import (
+    LM, BasePass, Sites, all_sites, base_pass, chosen_sites, lm_functions, policy_positions_BxN,
+)
 from qstar_jax.method.config import QuietStarConfig
 from qstar_jax.method.gate import SITE_STREAM, choose_sites, think_gate_scores
 from qstar_jax.method.heads import Rollout
@@ -58,7 +60,7 @@ def rollout(
     base = base_pass(config, qs, lm, tokens_BxN, segments_BxN)
     gate_BxN = think_gate_scores(config, qs, params, base.h_BxNxD) if qs.think_gate else None
     if sites_BxK is None and qs.think_share < 1.0:
-        eligible_BxN = base.target_valid_CxBxN.all(axis=0)
+        eligible_BxN = policy_positions_BxN(qs, base.target_valid_CxBxN)
         sites_BxK = choose_sites(qs, gate_BxN, eligible_BxN, jax.random.fold_in(rng, SITE_STREAM))
     sites = all_sites(base) if sites_BxK is None else chosen_sites(base, sites_BxK)
     b, k = sites.index_BxK.shape

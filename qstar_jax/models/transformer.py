@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from qstar_jax.models.config import ModelConfig
 
 Params = Any  # nested dict of arrays: {"embed_tokens": ..., "layers": ..., ...}
+INIT_STD = 0.02  # normal(INIT_STD) weights, as HF initialises Llama/Mistral (initializer_range)
 MASKED_SCORE = -1e30  # finite, so a fully masked (padding) query still gives finite output
 
 
@@ -224,7 +225,7 @@ class Block(nn.Module):
         config = self.config
         dtype, param_dtype = _dtype(config.dtype), _dtype(config.param_dtype)
         dense = functools.partial(
-            nn.Dense, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(0.02)
+            nn.Dense, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(INIT_STD)
         )
         norm = functools.partial(RMSNorm, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         b, t, _ = x_BxTxD.shape
@@ -263,7 +264,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embed(
             config.vocab_size,
             config.hidden_size,
-            embedding_init=nn.initializers.normal(0.02),
+            embedding_init=nn.initializers.normal(INIT_STD),
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -283,7 +284,7 @@ class Transformer(nn.Module):
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=nn.initializers.normal(0.02),
+                kernel_init=nn.initializers.normal(INIT_STD),
             )
 
     def embed(self, tokens_BxT: jax.Array) -> jax.Array:

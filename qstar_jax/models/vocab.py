@@ -2,38 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from qstar_jax.models.config import ModelConfig
-from qstar_jax.models.transformer import Params
+from qstar_jax.models.transformer import INIT_STD, Params
 
 
 def grow_vocab(
-    config: ModelConfig, params: Params, vocab_size: int, rows: dict[int, jax.Array]
+    config: ModelConfig, params: Params, vocab_size: int, rng: jax.Array, redraw_ids: Sequence[int] = ()
 ) -> tuple[ModelConfig, Params]:
-    """Grows the embedding and LM-head to `vocab_size` ids and sets the given rows.
+    """Grows the embedding and LM head to `vocab_size` ids, as `resize_token_embeddings`
+    does in the transformers version the official code pins (4.37).
 
-    New rows not named in `rows` start at the mean embedding (a neutral token, the usual
-    choice when resizing HF models). Each value in `rows` is a D-vector written to that
-    id's embedding row and LM-head column, so an added token starts out behaving like the
-    token it was initialised from. Shrinking is refused: it would silently drop ids.
+    Every new row, and the rows of `redraw_ids` (tokens placed in a vocab's unused padding
+    rows), is drawn from normal(0, INIT_STD), the model's initialiser, independently for
+    the embedding and an untied LM head; the old rows are kept, so old logits are unchanged.
+    The thought tokens' input embeddings are separate parameters (`params["thought"]`), so
+    of these rows only the LM head's matter: they set the small logit each thought token
+    gets in the NLL's softmax. Shrinking is refused: it would silently drop ids.
     """
     if vocab_size < config.vocab_size:
         raise ValueError(f"cannot shrink vocab from {config.vocab_size} to {vocab_size}")
     params = jax.tree.map(lambda x: x, params)  # shallow copy; leaves are immutable arrays
-    extra = vocab_size - config.vocab_size
+    drawn_ids = jnp.asarray(sorted(set(redraw_ids) | set(range(config.vocab_size, vocab_size))), jnp.int32)
 
-    def grow(matrix_VxD: jax.Array) -> jax.Array:
-        mean_1xD = matrix_VxD.mean(axis=0, keepdims=True)
-        grown_VxD = jnp.concatenate([matrix_VxD, jnp.repeat(mean_1xD, extra, axis=0)], axis=0)
-        for token_id, row_D in rows.items():
-            grown_VxD = grown_VxD.at[token_id].set(row_D.astype(grown_VxD.dtype))
-        return grown_VxD
+    def grow(matrix_VxD: jax.Array, key: jax.Array) -> jax.Array:
+        extra_VxD = jnp.zeros((vocab_size - config.vocab_size, matrix_VxD.shape[1]), matrix_VxD.dtype)
+        grown_VxD = jnp.concatenate([matrix_VxD, extra_VxD], axis=0)
+        drawn_RxD = INIT_STD * jax.random.normal(key, (drawn_ids.shape[0], matrix_VxD.shape[1]), jnp.float32)
+        return grown_VxD.at[drawn_ids].set(drawn_RxD.astype(matrix_VxD.dtype))
 
-    params["embed_tokens"] = {"embedding": grow(params["embed_tokens"]["embedding"])}
+    embed_key, head_key = jax.random.split(rng)
+    params["embed_tokens"] = {"embedding": grow(params["embed_tokens"]["embedding"], embed_key)}
     if not config.tie_word_embeddings:
-        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"].T).T}
+        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"].T, head_key).T}
     return config.replace(vocab_size=vocab_size), params
 
 

@@ -23,7 +23,7 @@ from qstar_jax.training.storage import append, storage_failure
 from qstar_jax.training.tensorboard import EventFile
 
 METRICS_FILE = "metrics.jsonl"  # in the workdir: one JSON line per logged step
-CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "mixing_weight", "tokens_per_s", "mfu")
+CONSOLE_KEYS = ("loss", "nll_base", "nll_talk", "reward", "reward_baselined", "mixing_weight", "tokens_per_s", "mfu")
 
 
 class LogWriteFailed(UserError):

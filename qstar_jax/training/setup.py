@@ -145,7 +145,8 @@ def add_thoughts(model_config: ModelConfig, params: Params, tokenizer: Tokenizer
     init_D = jnp.asarray(params["embed_tokens"]["embedding"][init_id], jnp.float32)
     start_id, end_id = add_thought_tokens(tokenizer)
     vocab = max(model_config.vocab_size, end_id + 1)
-    model_config, params = grow_vocab(model_config, params, vocab, {start_id: init_D, end_id: init_D})
+    in_vocab = [i for i in (start_id, end_id) if i < model_config.vocab_size]  # a padded vocab's unused rows
+    model_config, params = grow_vocab(model_config, params, vocab, jax.random.key(cfg.seed + 2), in_vocab)
     qs = dataclass_from(QuietStarConfig, cfg.quiet_star, start_token_id=start_id, end_token_id=end_id)
     params = init_quiet_star_params(model_config, qs, params, init_D, jax.random.key(cfg.seed + 1))
     return model_config, qs, params

@@ -152,14 +152,18 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
     talks = [("quiet_star.n_ahead_talk", cfg.quiet_star.n_ahead_talk)] if cfg.method == "quiet_star" else []
     talks += [(f"curriculum stage {s.get('name')!r}'s n_ahead_talk", s["n_ahead_talk"])
               for s in cfg.curriculum.stages if s.get("n_ahead_talk") is not None]
+    # The official policy positions end one position before the last whole talk horizon.
+    margin = 2 if cfg.quiet_star.get("policy_positions", "official") == "official" else 1
     for name, talk in talks:  # found later, a shape error after a compile, or thoughts never rewarded
-        if cfg.data.seq_len <= talk:
-            raise UserError(f"data.seq_len ({cfg.data.seq_len}) must be greater than {name} ({talk}): no position "
-                            f"would have its {talk} true next tokens in the row, so no thought could be rewarded")
+        if cfg.data.seq_len < talk + margin:
+            raise UserError(f"data.seq_len ({cfg.data.seq_len}) must be at least {name} ({talk}) + {margin} under "
+                            f"policy_positions={cfg.quiet_star.get('policy_positions', 'official')!r}: "
+                            "no position would be scored, so no thought could be rewarded")
     # The option dataclasses check their own values; building them here makes those
     # checks run before the workdir is locked or anything is written there.
     optimizer_config(cfg)
     ntp_config(cfg)
+    QuietStarConfig(**cfg.quiet_star.to_dict())
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, preflight_only: bool = False,
