@@ -14,6 +14,7 @@ from qstar_jax.training import data
 from qstar_jax.training import corpora
 from qstar_jax.errors import UserError
 from qstar_jax.tokenizer import Tokenizer
+from qstar_jax.toy.reasoning import document_question, split_of
 
 
 def config(**kw):
@@ -29,6 +30,15 @@ def test_default_corpus_is_deterministic():
 
 def _all(dataset) -> list[str]:
     return [dataset[i] for i in range(len(dataset))]
+
+
+def test_generated_sources_train_on_train_split_questions_only():
+    default = _all(data.load_documents(config(source="default", default_documents=500, default_seed=2)))
+    assert len(default) == 500 and {split_of(text.partition("?")[0] + "?") for text in default} == {"train"}
+    toy = ml_collections.ConfigDict(dict(problems=1000, seed=3, explicit_fraction=0.5, num_ops=3,
+                                         aside_fraction=0.2, delimiter_fraction=0.5))
+    texts = _all(data.load_documents(config(source="toy_reasoning", toy=toy)))
+    assert len(texts) == 1000 and {split_of(document_question(text)) for text in texts} == {"train"}
 
 
 def test_file_formats(tmp_path):
@@ -296,8 +306,9 @@ def test_held_out_problems_are_gsm8k_records(tmp_path):
     data_main(["--write-problems", str(path), "--count", "20", "--seed", "7"])
     examples = load_examples("gsm8k", str(path))
     assert len(examples) == 20
-    for example, problem in zip(examples, corpora.arithmetic_problems(20, seed=7)):
+    for example, problem in zip(examples, corpora.arithmetic_problems(20, seed=7, split="test"), strict=True):
         assert example.prompt == f"Q: {problem['question']}\nA:"
         assert f"is {example.answer}, so the answer is {example.answer}." in problem["answer"]
+        assert split_of(problem["question"]) == "test"  # held out: never in the training corpus
     assert corpora.arithmetic_problems(20, seed=7) != corpora.arithmetic_problems(20, seed=0)
     assert all(text.endswith(".") and "so the answer is" in text for text in corpora.default_corpus(10))

@@ -10,7 +10,10 @@ import sys
 import pytest
 
 from qstar_jax.toy import ntp_study as toy_ntp_study
-from qstar_jax.toy.ntp_study import FORMS, MARKERS, aggregate, arm_runs, gain_kept, table
+from qstar_jax.toy import reasoning as toy_reasoning
+from qstar_jax.toy.ntp_study import (FORMS, MARKERS, aggregate, arm_runs, check_test_set, gain_kept, table,
+                                     training_documents)
+from qstar_jax.toy.study import ARM_CONFIG, BASE_CONFIG, TEST_PROBLEMS, TEST_SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +45,28 @@ def test_students_start_from_their_seeds_teacher_and_the_control_trains_as_long_
         assert _value(student, "ntp.clip_negative_rewards") == ("True" if form == "code" else None)
     assert _value(by_name["lm_from_teacher_seed0"], "init_from") == "/w/teacher_seed0"
     assert _value(by_name["lm_from_teacher_seed0"], "ntp.teacher") is None
+
+
+def test_the_test_set_is_checked_against_every_runs_training_documents():
+    num_ops = f"--config.data.toy.num_ops={toy_ntp_study.NUM_OPS}"
+    # The documents are the ones training reads: the config parsed with the run's overrides.
+    assert training_documents(ARM_CONFIG, [num_ops, "--config.data.toy.problems=300", "--config.method=lm"]) == \
+        toy_reasoning.documents(300, 1, 0.0, toy_ntp_study.NUM_OPS)
+    runs = [("base", BASE_CONFIG, [num_ops]),
+            *((run["name"], ARM_CONFIG, run["overrides"]) for run in arm_runs([0, 1, 2], "/b/base_model", "/w"))]
+    items = toy_reasoning.problems(TEST_PROBLEMS, TEST_SEED, toy_ntp_study.NUM_OPS, split="test")
+    assert check_test_set(items, runs) == [name for name, _, _ in runs]  # the study's real test set is clean
+    base_questions = set(map(toy_reasoning.document_question, training_documents(BASE_CONFIG, runs[0][2])))
+    arm_questions = set(map(toy_reasoning.document_question, training_documents(ARM_CONFIG, runs[1][2])))
+    planted = toy_reasoning.Problem(sorted(arm_questions - base_questions)[0], "", "")
+    with pytest.raises(toy_reasoning.HeldOutLeak, match=r"^test problems against run teacher_seed0's training"):
+        check_test_set([*items, planted], runs)
+    # A run reading other data is checked on its own, not as its config file's first run.
+    seed9 = toy_reasoning.documents(300, 9, 0.0, toy_ntp_study.NUM_OPS)
+    extra = ("seed9", ARM_CONFIG, [num_ops, "--config.data.toy.problems=300", "--config.data.toy.seed=9"])
+    leaked = next(q for q in map(toy_reasoning.document_question, seed9) if q not in base_questions | arm_questions)
+    with pytest.raises(toy_reasoning.HeldOutLeak, match="run seed9's"):
+        check_test_set([*items, toy_reasoning.Problem(leaked, "", "")], [*runs, extra])
 
 
 def _fake_results(accuracy: dict[str, list[float]]) -> dict:
@@ -81,6 +106,8 @@ def test_smoke_study_trains_every_arm_and_writes_table_plot_and_timings(tmp_path
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
+    assert results["test_split"] == {"split": "test", "seed": TEST_SEED, "checked_against": [
+        "base", "teacher_seed0", "control_seed0", "lm_from_teacher_seed0", *(f"student_{f}_seed0" for f in FORMS)]}
     assert {r["name"] for r in results["runs"]} == {"teacher_seed0", "control_seed0", "lm_from_teacher_seed0",
                                                     *(f"student_{f}_seed0" for f in FORMS)}
     for run in results["runs"]:

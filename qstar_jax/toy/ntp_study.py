@@ -13,7 +13,9 @@
    from its initialisation alone);
 3. scores every checkpoint on held-out test problems (answer accuracy and NLL; the
    teacher thinks, and how often its thought is the working; nothing else thinks) and
-   times greedy decoding of the base, the teacher and a student;
+   times greedy decoding of the base, the teacher and a student. The test questions are
+   of the "test" split (toy/reasoning.py), and before any training the study asserts
+   that none of them occurs in the documents any run's config would train on;
 4. writes WORKDIR/results.json, the README table and the plot.
 
 docs/toy_experiment.md ("Fast Quiet-STaR NTP") gives the design and the verdict.
@@ -28,20 +30,23 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from qstar_jax.errors import exit_on_user_error
 from qstar_jax.inference import speed
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy
 from qstar_jax.toy.study import ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED, score_run, summarise
-from qstar_jax.toy.runs import export_base, make_workdir, run_study, save_figure, study_parser, train
-from qstar_jax.training import checkpoint
+from qstar_jax.toy.runs import REPO, export_base, make_workdir, run_study, save_figure, study_parser, train
+from qstar_jax.training import checkpoint, data
 
 NUM_OPS = 3  # a 2-layer model answers 0.27 of 3-op chains without working, all of them with it
 TEACHER_STEPS = STUDENT_STEPS = 200
-# Chosen on development problems (300, seed 2, seed-0 runs): the teacher and the control keep
-# the arms' 1e-4 (the control reached 0.250 there, 0.233 at 1e-3; faster rates wear the
-# teacher's working away); the students train at 1e-3.
+# Chosen on development problems (300, seed 2, seed-0 runs; drawn before splits existed, so
+# 241 of them were training questions too): the teacher and the control keep the arms' 1e-4
+# (the control reached 0.250 there, 0.233 at 1e-3; faster rates wear the teacher's working
+# away); the students train at 1e-3. A retune would draw them from split "dev".
 STUDENT_LR = 1e-3
 FORMS = ("paper", "code", "kl")
 # The code form as the public code runs it: rewards clamped at 0. Every form keeps weight 1
@@ -87,6 +92,33 @@ def arm_runs(seeds: list[int], base_model: str, workdir: str) -> list[dict]:
     return runs
 
 
+def training_documents(config_file: str, overrides: list[str]) -> list[str]:
+    """Every document `qstar_jax.train --config CONFIG_FILE OVERRIDES` reads, its own eval
+    documents included: the config parsed as the training command parses it."""
+    if REPO not in sys.path:  # the configs import experiments.base, as the runs (started in REPO) do
+        sys.path.append(REPO)
+    argv = ["qstar_jax.train", f"--config={config_file}", *overrides]
+    flag_values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    documents = data.load_documents(config.value.data)
+    return [documents[i] for i in range(len(documents))]
+
+
+def check_test_set(items: list[toy_reasoning.Problem], runs: list[tuple[str, str, list[str]]]) -> list[str]:
+    """Raises HeldOutLeak when a test question occurs in the training documents of any run
+    (name, config file, overrides); returns the names checked. Runs whose configs read the
+    same data share one check."""
+    checked: set[str] = set()
+    for name, config_file, overrides in runs:
+        data_settings = repr((config_file, [o for o in overrides if o.startswith("--config.data.")]))
+        if data_settings not in checked:
+            toy_reasoning.check_held_out(items, training_documents(config_file, overrides),
+                                         f"test problems against run {name}'s training documents")
+            checked.add(data_settings)
+    return [name for name, _, _ in runs]
+
+
 def gain_kept(summary: dict) -> dict:
     """Per student: (student - control) / (teacher - control) in accuracy, the share of the
     teacher's gain over the matched control that survives without thoughts."""
@@ -124,7 +156,8 @@ def table(results: dict) -> str:
 
 
 def caption(results: dict) -> str:
-    return (f"{results['test_problems']} held-out test problems of {NUM_OPS} operations (seed {TEST_SEED}); "
+    return (f"{results['test_problems']} held-out test problems of {NUM_OPS} operations (split test, seed "
+            f"{TEST_SEED}: none in any run's training documents); "
             f"teacher {TEACHER_STEPS} Quiet-STaR steps from the base, students {STUDENT_STEPS} steps from the "
             f"teacher, control {TEACHER_STEPS + STUDENT_STEPS} steps from the base; seeds "
             f"{', '.join(map(str, results['seeds']))}; chance accuracy 0.100. Decoding: greedy, batch 1, "
@@ -166,19 +199,24 @@ def study(workdir: str, seeds: list[int], smoke: bool) -> dict:
     cache_dir = os.path.join(workdir, "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     base_run, base_model = os.path.join(workdir, "base"), os.path.join(workdir, "base_model")
-    print(f"[toy_ntp_study] pretraining the base model in {base_run}", flush=True)
     base_steps = [] if smoke else ["--config.steps=1000", "--config.optimizer.total_steps=1000"]
-    train(BASE_CONFIG, base_run, [f"--config.data.toy.num_ops={NUM_OPS}", *base_steps,
-                                  *(SMOKE_BASE if smoke else [])], cache_dir)
+    base_overrides = [f"--config.data.toy.num_ops={NUM_OPS}", *base_steps, *(SMOKE_BASE if smoke else [])]
+    runs = [{**run, "overrides": [*run["overrides"], *(SMOKE_ARM if smoke else [])]}
+            for run in arm_runs(seeds, base_model, workdir)]
+    items = toy_reasoning.problems(40 if smoke else TEST_PROBLEMS, TEST_SEED, NUM_OPS, split="test")
+    checked = check_test_set(items, [("base", BASE_CONFIG, base_overrides),
+                                     *((run["name"], ARM_CONFIG, run["overrides"]) for run in runs)])
+    print(f"[toy_ntp_study] pretraining the base model in {base_run}", flush=True)
+    train(BASE_CONFIG, base_run, base_overrides, cache_dir)
     export_base(base_run, base_model)
-    items = toy_reasoning.problems(40 if smoke else TEST_PROBLEMS, TEST_SEED, NUM_OPS)
     config, _, params, tokenizer = checkpoint.load_for_inference(base_model)
     results = {"seeds": seeds, "test_problems": len(items), "num_ops": NUM_OPS,
+               "test_split": {"split": "test", "seed": TEST_SEED, "checked_against": checked},
                "base": answer_metrics(config, None, params, tokenizer, items, thinking=False),
                "base_explicit": explicit_accuracy(config, None, params, tokenizer, items), "runs": []}
-    for run in arm_runs(seeds, base_model, workdir):
+    for run in runs:
         run_dir = os.path.join(workdir, run["name"])
-        train_s = train(ARM_CONFIG, run_dir, [*run["overrides"], *(SMOKE_ARM if smoke else [])], cache_dir)
+        train_s = train(ARM_CONFIG, run_dir, run["overrides"], cache_dir)
         curve = score_run(run_dir, items, run["seed"])
         results["runs"].append({**run, "train_s": train_s, "curve": {str(k): v for k, v in curve.items()}})
         print(f"[toy_ntp_study] {run['name']}: accuracy {curve[max(curve)]['accuracy']:.3f} ({train_s:.0f} s)",

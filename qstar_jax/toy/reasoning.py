@@ -31,10 +31,14 @@ ten digits and no shortcut (a final "* 0", say) predicts it from part of the que
 The working is delimited by "---", the text whose embedding initialises Quiet-STaR's
 thought tokens, as separators do in web text. docs/toy_experiment.md explains the design.
 
-Problems are a pure function of (count, seed), so train, development and test sets are
-just different seeds (the sets are disjoint in practice: 10^6 * 2^5 * ... questions).
+Every question belongs to one split, "train", "dev" or "test", decided by a hash of its
+text (`split_of`): training documents are drawn from "train" only and held-out problems
+from "dev" or "test", so no held-out question is ever trained on, whatever the seeds and
+counts (a 3-operation chain has only 10 * 13^3 = 21,970 questions: different seeds alone
+shared most of them). Within a split, problems are a pure function of (count, seed), and
+`check_held_out` asserts the disjointness against the actual training documents.
 
-    python -m qstar_jax.toy_reasoning --output problems.jsonl --count 500 --seed 3
+    python -m qstar_jax.toy_reasoning --output problems.jsonl --count 500 --seed 3 [--split test]
 """
 
 from __future__ import annotations
@@ -43,14 +47,16 @@ import argparse
 import json
 import random
 import sys
-from typing import NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 from qstar_jax import paths
 from qstar_jax.errors import UserError, exit_on_user_error
+from qstar_jax.training.splits import SPLITS, HeldOutLeak, check_split, split_of
 
 DELIMITER = "---"
 OTHER_MARKER = "::"  # opens the working in the "aside" variant's other explicit documents
 MULTIPLIERS = (3, 7, 9)  # units modulo 10: multiplying by them is a bijection
+MAX_REJECTIONS = 100_000  # draws in a row outside the split before a split is called empty
 
 
 class Problem(NamedTuple):
@@ -85,17 +91,47 @@ def make_problem(rng: random.Random, num_ops: int) -> Problem:
     return Problem(" ".join(question + ["="]), " ".join(working), str(value))
 
 
-def problems(count: int, seed: int, num_ops: int = 5) -> list[Problem]:
-    """`count` problems of `num_ops` operations, deterministic in `seed`."""
+def problems(count: int, seed: int, num_ops: int = 5, split: str = "train") -> list[Problem]:
+    """`count` problems of `num_ops` operations whose questions belong to `split`,
+    deterministic in `seed`: draws from outside the split are rejected, so the problems keep
+    the generator's distribution restricted to the split (repeats allowed, as before)."""
     if num_ops < 1:
         raise UserError(f"num_ops must be >= 1, got {num_ops}")
+    check_split(split)
     rng = random.Random(seed)
-    return [make_problem(rng, num_ops) for _ in range(count)]
+    out: list[Problem] = []
+    while len(out) < count:
+        for _ in range(MAX_REJECTIONS):
+            problem = make_problem(rng, num_ops)
+            if split_of(problem.question) == split:
+                out.append(problem)
+                break
+        else:
+            raise UserError(f"split {split!r} holds no question of {num_ops} operations "
+                            f"(none in {MAX_REJECTIONS:,} draws; asked for count={count})")
+    return out
+
+
+def document_question(document: str) -> str | None:
+    """The question a training document starts with (its text up to the first "=", what
+    every rendering of `documents` begins with), or None for a document with none."""
+    head, equals, _ = document.partition("=")
+    return head + equals if equals else None
+
+
+def check_held_out(items: Sequence[Problem], documents: Iterable[str], what: str) -> None:
+    """Raises HeldOutLeak, naming `what` and the first such question, when a question of
+    `items` is the question of any training document (exact match, one set lookup each)."""
+    trained = {question for question in map(document_question, documents) if question is not None}
+    for item in items:
+        if item.question in trained:
+            raise HeldOutLeak(f"{what}: held-out question {item.question!r} occurs in the training documents")
 
 
 def documents(count: int, seed: int, explicit_fraction: float, num_ops: int = 5,
               aside_fraction: float = 0.0, delimiter_fraction: float = 1.0) -> list[str]:
-    """Training text: each problem rendered explicit with probability `explicit_fraction`.
+    """Training text, from split "train" only: each problem rendered explicit with
+    probability `explicit_fraction`.
     An explicit one is an aside after "---" with probability `aside_fraction`; otherwise
     its working follows "---" with probability `delimiter_fraction`, else "::"."""
     for name, value in (("explicit_fraction", explicit_fraction), ("aside_fraction", aside_fraction),
@@ -105,7 +141,7 @@ def documents(count: int, seed: int, explicit_fraction: float, num_ops: int = 5,
     rng = random.Random(seed + 1_000_003)  # the rendering choice, independent of the problems
     variant_rng = random.Random(seed + 2_000_003)  # its own stream: the defaults leave the corpus as it was
     out = []
-    for p in problems(count, seed, num_ops):
+    for p in problems(count, seed, num_ops, split="train"):
         if rng.random() >= explicit_fraction:
             out.append(p.implicit())
         elif aside_fraction and variant_rng.random() < aside_fraction:
@@ -141,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qstar_jax.toy_reasoning", description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="JSONL file to write")
     parser.add_argument("--count", type=int, default=500)
-    parser.add_argument("--seed", type=int, required=True, help="training corpora use data.toy.seed; pick another")
+    parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--num-ops", type=int, default=5)
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="whose questions to draw: dev and test are never in training documents (train is)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    write_problems(args.output, problems(args.count, args.seed, args.num_ops))
+    write_problems(args.output, problems(args.count, args.seed, args.num_ops, args.split))

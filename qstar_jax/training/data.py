@@ -3,14 +3,16 @@
 Sources (`config.data.source`), each a random-access list of documents that is never
 read whole:
   * "default": a corpus the repo generates deterministically (`default_corpus`), so the
-    main command needs no download;
+    main command needs no download; only questions of the "train" split (corpora.py), so
+    held-out problems (`python -m qstar_jax.data --write-problems`) are never trained on;
   * "files": a directory (or one file) of `.parquet` files with a text column (how the
     HF hub ships OpenWebMath; `python -m qstar_jax.data --to-parquet`, in
     training/prepare_data.py, writes C4's json.gz the same way), read row group by row
     group; `.txt` files, one document each, read on demand; `.jsonl` files (a text field),
     read whole, for small corpora;
   * "toy_reasoning": chained arithmetic with the working written out or left implicit
-    (toy/reasoning.py; the miniature replication of docs/toy_experiment.md);
+    (toy/reasoning.py; the miniature replication of docs/toy_experiment.md), questions of
+    the "train" split only: the studies' dev and test questions never occur in it;
   * "tfds": a tensorflow-datasets dataset by name, already prepared in `data_dir`, read
     through its TF-free array_record data source.
 

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(the files of the names written are replaced, all others are kept)")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1, help="the training corpus uses data.default_seed (0)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="--write-problems draws test-split questions, never in the training corpus")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.to_parquet:
         if not args.output:
@@ -163,5 +164,5 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--write-problems needs a file name; {args.write_problems} is a directory")
     if problems.exists() and not args.overwrite:
         raise UserError(f"{args.write_problems} exists; pass --overwrite to replace it")
-    paths.write_text(problems,
-                     "".join(json.dumps(problem) + "\n" for problem in arithmetic_problems(args.count, args.seed)))
+    held_out = arithmetic_problems(args.count, args.seed, "test")  # never in the training corpus
+    paths.write_text(problems, "".join(json.dumps(problem) + "\n" for problem in held_out))
