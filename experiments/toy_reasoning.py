@@ -5,10 +5,11 @@
 
 The first is the Quiet-STaR arm, the second the paper's control (plain next-token
 training on the same documents, same steps, same optimizer). Both start from the base
-model the study exports (`python -m qstar_jax.toy_study` writes runs/toy_study/base_model;
+model the study exports (`python -m qstar_jax.toy_study` writes runs/toy_study/base0/model;
 or pretrain one with experiments/toy_reasoning_base.py and export it). The training
-problems (seed 1) are new to the base model (pretrained on seed 0); the study's held-out
-test problems use seed 3 and its development problems seed 2.
+problems (seed 1) are new to the base model (pretrained on seed 0); both are drawn from the
+"train" split, and the study's test problems (seed 7) from the "test" split, never trained
+on (qstar_jax/toy/reasoning.py; development problems come from the "dev" split).
 """
 
 import ml_collections
@@ -19,7 +20,7 @@ from experiments import base
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.method = "quiet_star"
-    config.init_from = "runs/toy_study/base_model"
+    config.init_from = "runs/toy_study/base0/model"
     config.model.scan_unroll = 2
     # Short documents: packing keeps the rows full (segment ids keep them apart).
     config.data.update(source="toy_reasoning", seq_len=64, eval_documents=200, packing=True)

@@ -20,8 +20,10 @@ from qstar_jax.models.transformer import apply_lm, init_params
 from qstar_jax.method.mixing import init_quiet_star_params
 from qstar_jax.tokenizer import add_thought_tokens, load_tokenizer, train_word_tokenizer
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
-from qstar_jax.toy.study import TABLE_END, TABLE_START, VARIANTS, aggregate, arm_runs, caption, policy_gain, table
+from qstar_jax.toy.study import (ARM_CONFIG, BASE_CONFIG, NONNEGATIVE, STUDY_TEST_SEED, VARIANTS, aggregate, arm_runs,
+                                 caption, check_unseen, contrast, table, training_documents)
 from qstar_jax.toy.runs import read_readme, update_readme
+from qstar_jax.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +154,7 @@ def _with_thoughts(config, params, tok, n_ahead):
 
     start, end = add_thought_tokens(tok)
     init_D = params["embed_tokens"]["embedding"][tok.encode(toy_reasoning.DELIMITER)[0]]
-    grown_config, grown = grow_vocab(config, params, end + 1, {start: init_D, end: init_D})
+    grown_config, grown = grow_vocab(config, params, end + 1, jax.random.key(2))
     qs = QuietStarConfig(n_ahead=n_ahead, n_ahead_talk=1, start_token_id=start, end_token_id=end)
     return grown_config, qs, grown, init_quiet_star_params(grown_config, qs, grown, init_D, jax.random.key(1))
 
@@ -185,62 +187,106 @@ def test_thinking_with_an_untrained_mixing_head_scores_like_the_base(tiny_toy_mo
     assert thinking["answer_nll"] == pytest.approx(plain["answer_nll"], abs=1e-5)
 
 
-def _fake_results(values: dict[str, list[float]]) -> dict:
-    """A results.json in miniature: one final checkpoint per (arm, seed) with these accuracies."""
-    runs = [{"arm": arm, "seed": seed, "curve": {"10": {"accuracy": acc, "answer_nll": 1.0 - acc,
-                                                         **({"thought_exact": acc / 2} if arm != "ntp" else {})},
-                                                  "5": {"accuracy": 0.0, "answer_nll": 9.0}}}
-            for arm, accs in values.items() for seed, acc in enumerate(accs)]
-    return {"runs": runs, "n_ahead": [8], "seeds": [0, 1, 2], "base": {"accuracy": 0.1, "answer_nll": 2.3},
-            "initial_thoughts": {"thought_exact": 0.3}, "base_explicit": {"explicit_accuracy": 1.0,
-                                                                         "working_exact": 0.9},
-            "test_problems": 500, "steps": 10, "wall_s": 60.0, "command": "python -m qstar_jax.toy_study"}
+def _fake_results(values: dict[str, list[float]], variant: str = "aside") -> dict:
+    """A results.json in miniature: per arm, one run per base seed (arm seed 0) whose final
+    checkpoint has these accuracies (thought correctness half of it, NLL one minus it)."""
+    nonnegative = {"quiet_star_nonneg_8", "policy_off_8", "shuffled_8"} if variant == "aside" else set()
+    runs = [{"arm": arm, "base_seed": base_seed, "seed": 0, "name": f"base{base_seed}/{arm}_seed0",
+             "overrides": [NONNEGATIVE] if arm in nonnegative else [],
+             "curve": {"10": {"accuracy": acc, "answer_nll": 1.0 - acc,
+                              **({"thought_exact": acc / 2} if arm != "ntp" else {})},
+                       "5": {"accuracy": 0.0, "answer_nll": 9.0}}}
+            for arm, accs in values.items() for base_seed, acc in enumerate(accs)]
+    seeds = sorted({run["base_seed"] for run in runs})
+    bases = [{"base_seed": b, "metrics": {"accuracy": 0.1 + 0.01 * b, "answer_nll": 2.3},
+              "initial_thoughts": {"thought_exact": 0.02}, "explicit": {"explicit_accuracy": 1.0, "working_exact": 0.9}}
+             for b in seeds]
+    return {"variant": variant, "runs": runs, "bases": bases, "n_ahead": [8], "base_seeds": seeds, "seeds": [0],
+            "test_problems": 500, "test_seed": 7, "test_split": "test", "steps": 10, "wall_s": 60.0,
+            "command": "python -m qstar_jax.toy_study"}
 
 
-def test_summary_policy_gain_and_table_come_from_the_final_checkpoints():
-    results = _fake_results({"ntp": [0.1, 0.2, 0.3], "quiet_star_8": [0.9, 0.8, 0.7], "policy_off_8": [0.4, 0.4, 0.4]})
-    results["summary"] = aggregate(results)
-    results["policy_gain"] = policy_gain(results)
-    assert results["summary"]["quiet_star_8"]["accuracy"]["mean"] == pytest.approx(0.8)
-    assert results["summary"]["quiet_star_8"]["accuracy"]["std"] == pytest.approx(0.1)  # sample std (ddof 1)
-    assert results["summary"]["policy_off_8"]["thought_exact"]["mean"] == pytest.approx(0.2)
-    assert "thought_exact" not in results["summary"]["ntp"]
-    gain = results["policy_gain"]
-    assert gain["accuracy"]["difference"] == pytest.approx(0.4) and gain["accuracy"]["in_std"] == pytest.approx(4.0)
-    assert gain["thought_exact"]["difference"] == pytest.approx(0.2)
+def test_table_and_caption_report_every_run_and_paired_differences_from_the_results_alone():
+    results = _fake_results({"ntp": [0.1, 0.2, 0.3], "quiet_star_8": [0.9, 0.8, 0.1],
+                             "quiet_star_nonneg_8": [0.9, 0.8, 0.7], "policy_off_8": [0.4, 0.4, 0.4],
+                             "shuffled_8": [0.5, 0.3, 0.4]})
+    summary = aggregate(results)
+    assert summary["quiet_star_nonneg_8"]["accuracy"]["mean"] == pytest.approx(0.8)
+    assert summary["quiet_star_nonneg_8"]["accuracy"]["std"] == pytest.approx(0.1)  # sample std (ddof 1)
+    assert summary["policy_off_8"]["thought_exact"]["mean"] == pytest.approx(0.2)
+    assert "thought_exact" not in summary["ntp"]
+    assert summary["base"]["accuracy"]["values"] == pytest.approx([0.1, 0.11, 0.12])  # one per base model
+    # Paired by base seed: the differences 0.5, 0.4, 0.3 (not the spread of either arm).
+    gain = contrast(results, "quiet_star_nonneg_8", "policy_off_8")
+    assert gain["accuracy"]["difference"] == pytest.approx(0.4) and gain["accuracy"]["std"] == pytest.approx(0.1)
+    assert gain["thought_exact"]["difference"] == pytest.approx(0.2) and gain["pairs"] == 3
+    assert "thought_exact" not in contrast(results, "quiet_star_8", "ntp")
     lines = table(results).splitlines()
-    assert [line.split(" | ")[0] for line in lines[2:6]] == [
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
         "| (d) base model, untouched", "| (c) next-token continued training (control)",
         "| (b) Quiet-STaR without the policy loss, n_ahead 8 (5 thought tokens)",
-        "| (a) Quiet-STaR, n_ahead 8 (5 thought tokens)"]
-    assert "0.800 ± 0.100" in lines[5] and "0.300 (thoughts a run starts from)" in lines[2]
-    assert "+0.400 (4.0 std)" in caption(results) and "Both thinking arms" not in caption(results)
-    results["thinking_overrides"] = ["--config.quiet_star.nonnegative_mixing_weight=True"]
-    assert "Both thinking arms run with `--config.quiet_star.nonnegative_mixing_weight=True`." in caption(results)
+        "| (f) Quiet-STaR with rewards shuffled across positions (control), n_ahead 8 (5 thought tokens)",
+        "| (a) Quiet-STaR, n_ahead 8 (5 thought tokens)",
+        "| (e) Quiet-STaR, non-negative mixing weight, n_ahead 8 (5 thought tokens)",
+        "| base model writing the working out itself (reference)"]
+    # Every run's value, whatever it shows: the failing official-head run too.
+    assert "0.600 ± 0.436 (0.900, 0.800, 0.100)" in lines[6] and "0.020 ± 0.000 (0.020, 0.020, 0.020)" in lines[2]
+    text = caption(results)
+    assert "(e) minus (b): answer accuracy +0.400 ± 0.100 (4.0 std), sampled thought = working +0.200 ± 0.050" in text
+    assert "(e) minus (f): answer accuracy +0.400 ± 0.100 (4.0 std)" in text
+    assert "(a) minus (c): answer accuracy +0.400 ± 0.529 (0.8 std);" in text and "n = 3;" in text
+    assert f"(b), (f), (e) run with `{NONNEGATIVE}`" in text and "seed 7, split test" in text
+    assert table(json.loads(json.dumps(results))) == table(results)  # what the committed file renders
+    written = _fake_results({"ntp": [0.1], "quiet_star_8": [0.9], "policy_off_8": [0.4]}, "written")
+    assert "(a) minus (b): answer accuracy +0.500 (one pair: std undefined)" in caption(written)
+    assert "non-negative" not in caption(written) and "| 0.900 |" in table(written)
 
 
-def test_arms_per_seed_and_the_variant_settings():
+def test_arms_per_base_and_seed_and_the_variant_settings():
     aside = VARIANTS["aside"]
-    runs = arm_runs([0, 1], [4, 8], aside.policy_loss_weight, aside.thinking_overrides)
-    assert [r["name"] for r in runs] == ["ntp_seed0", "qs4_seed0", "qs8_seed0", "nopolicy8_seed0",
-                                         "ntp_seed1", "qs4_seed1", "qs8_seed1", "nopolicy8_seed1"]
-    weights = {r["name"]: [o for o in r["overrides"] if "policy_loss_weight" in o] for r in runs}
-    assert weights["qs8_seed1"] == ["--config.quiet_star.policy_loss_weight=1000.0"]
-    assert weights["nopolicy8_seed0"] == ["--config.quiet_star.policy_loss_weight=0"]  # one setting, never two
-    assert "--config.quiet_star.n_ahead=8" in runs[3]["overrides"] and "--config.method=lm" in runs[0]["overrides"]
-    mixing = {r["name"]: [o for o in r["overrides"] if "mixing_weight" in o] for r in runs}
-    # Both thinking arms use the same mixing head, so (a) - (b) is the policy loss alone.
-    assert mixing["qs8_seed0"] == mixing["nopolicy8_seed0"] == ["--config.quiet_star.nonnegative_mixing_weight=True"]
-    assert mixing["ntp_seed1"] == [] and VARIANTS["written"].thinking_overrides == ()
+    runs = arm_runs([0, 1], [0], [8], aside)
+    assert [r["name"] for r in runs] == [f"base{b}/{arm}_seed0" for b in (0, 1) for arm in (
+        "ntp", "quiet_star_8", "quiet_star_nonneg_8", "policy_off_8", "shuffled_8")]
+    by_name = {r["name"]: r["overrides"] for r in runs}
+    weights = {name: [o for o in overrides if "policy_loss_weight" in o] for name, overrides in by_name.items()}
+    assert weights["base1/quiet_star_8_seed0"] == weights["base1/shuffled_8_seed0"] == [
+        "--config.quiet_star.policy_loss_weight=1000.0"]
+    assert weights["base0/policy_off_8_seed0"] == ["--config.quiet_star.policy_loss_weight=0"]  # one setting, never two
+    # (a) keeps the official head; its ablation (b) and control (f) share (e)'s non-negative head.
+    heads = {name: NONNEGATIVE in overrides for name, overrides in by_name.items() if name.startswith("base0/")}
+    assert heads == {"base0/ntp_seed0": False, "base0/quiet_star_8_seed0": False,
+                     "base0/quiet_star_nonneg_8_seed0": True, "base0/policy_off_8_seed0": True,
+                     "base0/shuffled_8_seed0": True}
+    assert [name for name, overrides in by_name.items() if "--config.quiet_star.shuffle_rewards=True" in overrides] == [
+        "base0/shuffled_8_seed0", "base1/shuffled_8_seed0"]
+    assert "--config.method=lm" in by_name["base0/ntp_seed0"] and (aside.base_seeds, aside.seeds) == ("0,1,2", "0")
+    assert all("--config.steps=150" in overrides for overrides in by_name.values())  # the budget: every arm alike
+    written = [r["name"] for r in arm_runs([0], [0, 1], [4, 8], VARIANTS["written"])
+               if not any(o.startswith("--config.steps=") for o in r["overrides"])]
+    assert written == [f"base0/{arm}_seed{seed}" for seed in (0, 1)
+                       for arm in ("ntp", "quiet_star_4", "quiet_star_8", "policy_off_8")]
+
+
+def test_the_test_problems_are_checked_against_every_trainings_own_documents():
+    base = ["--config.data.toy.problems=60", "--config.data.toy.aside_fraction=0.3", "--config.seed=2"]
+    arm = ["--config.data.toy.problems=40", "--config.method=lm"]
+    # The documents are what `train` reads with these overrides: parsed as its command line.
+    assert training_documents(BASE_CONFIG, base) == toy_reasoning.documents(60, 0, 0.5, aside_fraction=0.3)
+    assert training_documents(ARM_CONFIG, arm) == toy_reasoning.documents(40, 1, 0.0)
+    trainings = [(BASE_CONFIG, base, "base model 2"), (ARM_CONFIG, arm, "base2/ntp_seed0")]
+    check_unseen(toy_reasoning.problems(50, STUDY_TEST_SEED, split="test"), trainings)
+    trained = toy_reasoning.problems(40, 1)[7]  # a question of the arm's documents
+    with pytest.raises(toy_reasoning.HeldOutLeak, match="base2/ntp_seed0"):
+        check_unseen([trained], trainings)
 
 
 def test_each_variant_writes_between_its_own_markers(tmp_path):
     readme = tmp_path / "README.md"
     aside = VARIANTS["aside"]
-    readme.write_text(f"a\n{TABLE_START}\nold 1\n{TABLE_END}\nb\n{aside.table_start}\nold 2\n{aside.table_end}\nc\n")
+    (start, end), (aside_start, aside_end) = VARIANTS["written"].markers, aside.markers
+    readme.write_text(f"a\n{start}\nold 1\n{end}\nb\n{aside_start}\nold 2\n{aside_end}\nc\n")
     update_readme(str(readme), "new 2", aside.markers)
-    assert readme.read_text() == (f"a\n{TABLE_START}\nold 1\n{TABLE_END}\nb\n{aside.table_start}\nnew 2\n"
-                                  f"{aside.table_end}\nc\n")
+    assert readme.read_text() == f"a\n{start}\nold 1\n{end}\nb\n{aside_start}\nnew 2\n{aside_end}\nc\n"
     readme.write_text("no markers\n")
     with pytest.raises(UserError, match="has no <!-- toy-study-aside-table:start -->"):
         update_readme(str(readme), "x", aside.markers)
@@ -255,56 +301,69 @@ def test_each_variant_writes_between_its_own_markers(tmp_path):
 
 
 def test_smoke_study_writes_table_plot_results_and_scores_checkpoints(tmp_path):
-    """The aside variant end to end at toy size (its numbers mean nothing): every arm,
-    every checkpoint scored, thought correctness, the README table and the plot."""
+    """The aside variant end to end at toy size (its numbers mean nothing), one base model:
+    every arm, every checkpoint scored on fresh test problems, thought correctness, the
+    README table and the plot."""
     aside = VARIANTS["aside"]
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n\n{aside.table_start}\nold table\n{aside.table_end}\n\nafter\n")
+    start, end = aside.markers
+    readme.write_text(f"# title\n\nbefore\n\n{start}\nold table\n{end}\n\nafter\n")
     plot = tmp_path / "study.png"
     workdir = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     args = [sys.executable, "-m", "qstar_jax.toy_study", "--smoke", "--variant", "aside", "--workdir", str(workdir),
-            "--seeds", "0", "--n-ahead", "4", "--readme", str(readme), "--plot", str(plot)]
+            "--base-seeds", "0", "--seeds", "0", "--n-ahead", "4", "--readme", str(readme), "--plot", str(plot)]
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
     results = json.loads((workdir / "results.json").read_text())
-    assert results["variant"] == "aside" and results["base_overrides"] == list(aside.base_overrides)
-    assert {r["name"] for r in results["runs"]} == {"ntp_seed0", "qs4_seed0", "nopolicy4_seed0"}
+    assert results["variant"] == "aside" and results["bases"][0]["overrides"][:4] == [*aside.base_overrides,
+                                                                                       "--config.seed=0"]
+    names = ["ntp", "quiet_star_4", "quiet_star_nonneg_4", "policy_off_4", "shuffled_4"]
+    assert [r["name"] for r in results["runs"]] == [f"base0/{name}_seed0" for name in names]
     for run in results["runs"]:
         assert sorted(map(int, run["curve"])) == [2, 4]  # every checkpoint scored
         assert ("thought_exact" in run["curve"]["4"]) == (run["arm"] != "ntp")
-    logged = {name: [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
-              for name in ("qs4_seed0", "nopolicy4_seed0")}
-    assert any(m["policy_loss"] != 0 for m in logged["qs4_seed0"])
-    assert logged["nopolicy4_seed0"] and all(m["policy_loss"] == 0 for m in logged["nopolicy4_seed0"])
-    # The variant's non-negative mixing weight reaches both thinking arms.
-    assert all(m["mixing_weight"] >= 0 for ms in logged.values() for m in ms)
-    assert 0 <= results["initial_thoughts"]["thought_exact"] <= 1 and "working for" in result.stdout
+    # Fresh test problems: seed 7 of the test split, as written beside the runs.
+    items = toy_reasoning.read_problems(str(workdir / "test.jsonl"))
+    assert items == toy_reasoning.problems(40, STUDY_TEST_SEED, split="test") and results["test_seed"] == 7
+    logged = {name: [json.loads(line) for line in (workdir / f"base0/{name}_seed0" / "metrics.jsonl").read_text()
+                     .splitlines()] for name in names[1:]}
+    assert all(any(m["policy_loss"] != 0 for m in logged[name]) for name in ("quiet_star_4", "quiet_star_nonneg_4",
+                                                                              "shuffled_4"))
+    assert logged["policy_off_4"] and all(m["policy_loss"] == 0 for m in logged["policy_off_4"])
+    # The non-negative mixing weight reaches (e), (b) and (f), the shuffled rewards (f) alone.
+    assert all(m["mixing_weight"] >= 0 for name in names[2:] for m in logged[name])
+    heads = {name: checkpoint.load_for_inference(str(workdir / f"base0/{name}_seed0"))[1] for name in names[1:]}
+    assert [(qs.nonnegative_mixing_weight, qs.shuffle_rewards) for qs in heads.values()] == [
+        (False, False), (True, False), (True, False), (True, True)]
+    assert 0 <= results["bases"][0]["initial_thoughts"]["thought_exact"] <= 1 and "working for" in result.stdout
     assert os.listdir(workdir / "jax_cache")  # the runs share compiled programs
-    thoughts = results["sample_thoughts"]["qs4_seed0"]
-    assert len(thoughts) == 8 and all(len(t["thought"].split()) == 1 for t in thoughts)  # n_ahead 4: 1 token
+    thoughts = results["sample_thoughts"]
+    assert sorted(thoughts) == sorted(f"base0/{name}_seed0" for name in names[1:])
+    assert all(len(t) == 8 and all(len(x["thought"].split()) == 1 for x in t) for t in thoughts.values())  # 1 token
 
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# title\n\nbefore") and text.rstrip().endswith("after")
     table_lines = [line for line in text.splitlines() if line.startswith("| (")]
-    assert len(table_lines) == 4  # base, control, policy off, Quiet-STaR n_ahead 4
-    assert f"{results['summary']['quiet_star_4']['accuracy']['mean']:.3f}" in table_lines[3]
+    assert len(table_lines) == 6  # base, control, policy off, shuffled, Quiet-STaR official and non-negative
+    assert f"{results['summary']['quiet_star_nonneg_4']['accuracy']['mean']:.3f}" in table_lines[5]
     assert "(d) base model" in result.stdout and plot.stat().st_size > 10_000
-    assert results["policy_gain"]["accuracy"]["in_std"] is None and "std undefined" in text  # one seed
+    assert "(e) minus (f): answer accuracy" in text and "one pair: std undefined" in text  # one base, one seed
 
     # The evaluation entry point on a Quiet-STaR checkpoint and on fresh problems.
     problems = tmp_path / "fresh.jsonl"
     subprocess.run([sys.executable, "-m", "qstar_jax.toy_reasoning", "--output", str(problems), "--count", "12",
                     "--seed", "11"], cwd=REPO, env=env, check=True)
-    evaluated = subprocess.run([sys.executable, "-m", "qstar_jax.toy_eval", "--checkpoint", str(workdir / "qs4_seed0"),
+    official = str(workdir / "base0/quiet_star_4_seed0")
+    evaluated = subprocess.run([sys.executable, "-m", "qstar_jax.toy_eval", "--checkpoint", official,
                                 "--problems", str(problems), "--step", "2", "--explicit"],
                                cwd=REPO, env=env, capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     scores = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert scores["problems"] == 12 and scores["think"] is True and 0 <= scores["accuracy"] <= 1
     assert "explicit_accuracy" in scores
-    missing = subprocess.run([sys.executable, "-m", "qstar_jax.toy_eval", "--checkpoint", str(workdir / "qs4_seed0"),
+    missing = subprocess.run([sys.executable, "-m", "qstar_jax.toy_eval", "--checkpoint", official,
                               "--problems", str(tmp_path / "nope.jsonl")], cwd=REPO, env=env, capture_output=True,
                              text=True)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
