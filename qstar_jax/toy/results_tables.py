@@ -22,7 +22,7 @@ import sys
 from typing import Callable, NamedTuple
 
 from qstar_jax.errors import UserError, exit_on_user_error
-from qstar_jax.toy import gate_report, ntp_study, study
+from qstar_jax.toy import gate_report, ntp_study, smollm2_report, study
 from qstar_jax.toy.runs import REPO, STUDY_HOMES, linked, load_json, marked_text, marker_pair, update_readme, write_json
 from qstar_jax.training.curriculum import SUMMARY_FILE
 from qstar_jax.training.metrics import METRICS_FILE, logged_lines
@@ -125,6 +125,7 @@ STUDY_RENDERERS = {
     "toy-study-aside-table": _with_caption(study.table, study.caption),
     "gate-study-table": gate_report.report,
     "toy-ntp-table": _with_caption(ntp_study.table, ntp_study.caption),
+    "smollm2-study-table": smollm2_report.text,
 }
 TABLES = (
     *(Table(doc, marker, home.results, STUDY_RENDERERS[marker]) for marker, home in STUDY_HOMES.items()

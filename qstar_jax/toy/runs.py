@@ -73,6 +73,7 @@ STUDY_HOMES = {  # by marker name; qstar_jax/toy/results_tables.py pairs each wi
     "toy-study-aside-table": Home("docs/results/toy_study_aside.json", STUDY_DOCS),
     "gate-study-table": Home("docs/results/gate_study.json", STUDY_DOCS),
     "toy-ntp-table": Home("docs/results/toy_ntp_study.json", STUDY_DOCS),
+    "smollm2-study-table": Home("docs/results/smollm2_study.json", ("docs/results.md",)),
 }
 README_HINT = " (pass --readme '' for none)"
 
