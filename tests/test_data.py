@@ -312,3 +312,15 @@ def test_held_out_problems_are_gsm8k_records(tmp_path):
         assert split_of(problem["question"]) == "test"  # held out: never in the training corpus
     assert corpora.arithmetic_problems(20, seed=7) != corpora.arithmetic_problems(20, seed=0)
     assert all(text.endswith(".") and "so the answer is" in text for text in corpora.default_corpus(10))
+
+
+def test_held_out_problems_as_documents_read_like_the_corpus_and_feed_analyze(tmp_path):
+    """`--as-documents`: the same test-split problems, rendered as the training corpus renders
+    its own, in the {"text": ...} form analyze reads."""
+    from qstar_jax.training.data import file_documents
+
+    path = tmp_path / "heldout.jsonl"
+    data_main(["--write-problems", str(path), "--count", "5", "--seed", "1", "--as-documents"])
+    expected = [corpora.document(p) for p in corpora.arithmetic_problems(5, seed=1, split="test")]
+    assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == expected
+    assert list(file_documents(str(path), "text")) == expected

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from qstar_jax import paths
 from qstar_jax.errors import UserError, exit_on_user_error
-from qstar_jax.training.corpora import arithmetic_problems
+from qstar_jax.training.corpora import arithmetic_problems, document
 from qstar_jax.training.data import json_lines, record_text
 
 
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --write-problems FILE, or write into a non-empty --output DIR "
                         "(the files of the names written are replaced, all others are kept)")
+    parser.add_argument("--as-documents", action="store_true",
+                        help="--write-problems: {\"text\": ...} documents as the training corpus renders problems "
+                        "(for qstar_jax.analyze) instead of GSM8K question/answer records")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1,
@@ -165,4 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     if problems.exists() and not args.overwrite:
         raise UserError(f"{args.write_problems} exists; pass --overwrite to replace it")
     held_out = arithmetic_problems(args.count, args.seed, "test")  # never in the training corpus
+    if args.as_documents:  # rendered as the training corpus renders its problems, for analyze
+        held_out = [{"text": document(problem)} for problem in held_out]
     paths.write_text(problems, "".join(json.dumps(problem) + "\n" for problem in held_out))
