@@ -30,16 +30,16 @@ import time
 
 import jax
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from qstar_jax.errors import exit_on_user_error
 from qstar_jax.inference import speed
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy
 from qstar_jax.toy.study import ARM_CONFIG, BASE_CONFIG, SMOKE_ARM, SMOKE_BASE, TEST_PROBLEMS, TEST_SEED, score_run, summarise
-from qstar_jax.toy.runs import REPO, export_base, make_workdir, run_study, save_figure, study_parser, train
-from qstar_jax.training import checkpoint, data
+from qstar_jax.toy.runs import (
+    export_base, make_workdir, run_study, save_figure, study_parser, train, training_documents,
+)
+from qstar_jax.training import checkpoint
 
 NUM_OPS = 3  # a 2-layer model answers 0.27 of 3-op chains without working, all of them with it
 TEACHER_STEPS = STUDENT_STEPS = 200
@@ -90,19 +90,6 @@ def arm_runs(seeds: list[int], base_model: str, workdir: str) -> list[dict]:
     for run in runs:
         run["overrides"] = [*COMMON, f"--config.seed={run['seed']}", *run["overrides"]]
     return runs
-
-
-def training_documents(config_file: str, overrides: list[str]) -> list[str]:
-    """Every document `qstar_jax.train --config CONFIG_FILE OVERRIDES` reads, its own eval
-    documents included: the config parsed as the training command parses it."""
-    if REPO not in sys.path:  # the configs import experiments.base, as the runs (started in REPO) do
-        sys.path.append(REPO)
-    argv = ["qstar_jax.train", f"--config={config_file}", *overrides]
-    flag_values = flags.FlagValues()
-    config = config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
-    flag_values(argv)
-    documents = data.load_documents(config.value.data)
-    return [documents[i] for i in range(len(documents))]
 
 
 def check_test_set(items: list[toy_reasoning.Problem], runs: list[tuple[str, str, list[str]]]) -> list[str]:

@@ -43,6 +43,25 @@ def train(config: str, workdir: str, overrides: list[str], cache_dir: str) -> fl
     return time.perf_counter() - start
 
 
+def training_documents(config_file: str, overrides: list[str]) -> list[str]:
+    """Every document `qstar_jax.train --config CONFIG_FILE OVERRIDES` reads, its own eval
+    documents included: the config parsed as the training command parses it, so a study's
+    held-out check sees exactly the text each of its runs trains on."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from qstar_jax.training.data import load_documents
+
+    if REPO not in sys.path:  # the configs import experiments.base, as the runs (started in REPO) do
+        sys.path.append(REPO)
+    argv = ["qstar_jax.train", f"--config={config_file}", *overrides]
+    flag_values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    documents = load_documents(config.value.data)
+    return [documents[i] for i in range(len(documents))]
+
+
 def export_base(run_dir: str, model_dir: str) -> None:
     """The base run's final checkpoint as a model directory (what init_from reads)."""
     if model_files.is_model_dir(model_dir):

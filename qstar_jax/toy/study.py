@@ -43,7 +43,7 @@ from qstar_jax.errors import exit_on_user_error
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.eval import answer_metrics, explicit_accuracy, sample_thoughts, thought_accuracy
 from qstar_jax.toy.runs import (REPO, export_base, int_list, make_workdir, marker_pair, run_study, save_figure,
-                                study_parser, train)
+                                study_parser, train, training_documents)
 from qstar_jax.training import checkpoint
 
 BASE_CONFIG = os.path.join(REPO, "experiments", "toy_reasoning_base.py")
@@ -111,21 +111,6 @@ def arm_runs(base_seeds: list[int], seeds: list[int], n_aheads: list[int], varia
     return [{"arm": arm, "base_seed": base_seed, "seed": seed, "name": f"base{base_seed}/{arm}_seed{seed}",
              "overrides": [f"--config.seed={seed}", *variant.arm_overrides, *overrides]}
             for base_seed in base_seeds for seed in seeds for arm, overrides in arms]
-
-
-def training_documents(config_file: str, overrides: list[str]) -> list[str]:
-    """The documents `qstar_jax.train --config config_file *overrides` reads, from the same
-    config it builds (the config file and its overrides parsed as its command line does)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from qstar_jax.training.data import load_documents
-
-    argv = ["train", f"--config={config_file}", *overrides]
-    flag_values = flags.FlagValues()
-    config = config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
-    flag_values(argv)
-    return list(load_documents(config.value.data))
 
 
 def check_unseen(items, trainings: list[tuple[str, list[str], str]]) -> None:
