@@ -258,9 +258,9 @@ def study(workdir: str, seeds: list[int], shares: list[float], smoke: bool) -> d
     base_model = pretrain_base(workdir, cache_dir, smoke)
     count = 40 if smoke else TEST_PROBLEMS
     corpus_texts, corpus_seq_len = corpus_held_out(smoke)
-    scoring = {"items": toy_reasoning.problems(count, TEST_SEED), "corpus_texts": corpus_texts,
+    scoring = {"items": toy_reasoning.problems(count, TEST_SEED, split="test"), "corpus_texts": corpus_texts,
                "corpus_seq_len": corpus_seq_len, "shares": shares,
-               "dev_items": toy_reasoning.problems(40 if smoke else DEV_PROBLEMS, DEV_SEED)}
+               "dev_items": toy_reasoning.problems(40 if smoke else DEV_PROBLEMS, DEV_SEED, split="dev")}
     results = {"seeds": seeds, "shares": shares, "test_problems": count, "runs": []}
     for run in study_runs(seeds, shares):
         results["runs"].append(train_and_score(run, workdir, cache_dir, base_model, smoke, scoring))
