@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 import tempfile
 
@@ -36,3 +37,10 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(cache, ignore_errors=True)
+
+# Ctrl-C and a closed terminal are tested as a terminal delivers them. A launcher may have
+# ignored them (a background job of a non-interactive shell ignores SIGINT, nohup SIGHUP),
+# and an ignored disposition is inherited through exec, where the run would rightly keep
+# it: so the suite starts from the dispositions a terminal gives, whatever launched it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
