@@ -15,7 +15,7 @@ import pytest
 
 from qstar_jax.models.transformer import apply_lm
 from qstar_jax.toy import smollm2_report
-from qstar_jax.toy.reasoning import HeldOutLeak
+from qstar_jax.training.splits import HeldOutLeak
 from qstar_jax.toy.smollm2_study import (TEST_SEED, answer_line, answer_scores, held_out_rows, token_nlls,
                                          write_data)
 from qstar_jax.training import checkpoint, corpora

@@ -56,7 +56,7 @@ def test_check_held_out_finds_a_planted_question_in_any_rendering_and_passes_a_c
     reasoning.check_held_out(test_items, docs, "clean test set")
     planted = test_items[150]
     for text in (planted.implicit(), planted.explicit(), planted.explicit(reasoning.OTHER_MARKER)):
-        with pytest.raises(reasoning.HeldOutLeak) as leak:
+        with pytest.raises(splits.HeldOutLeak) as leak:
             reasoning.check_held_out(test_items, [*docs[:100], text, *docs[100:]], "the planted set")
         assert isinstance(leak.value, RuntimeError)
         assert str(leak.value) == (f"the planted set: held-out question {planted.question!r} "
@@ -64,7 +64,7 @@ def test_check_held_out_finds_a_planted_question_in_any_rendering_and_passes_a_c
     # Exact: a held-out question inside a longer training question is no leak.
     short = reasoning.Problem("5 + 9 =", "4", "4")
     reasoning.check_held_out([short], ["2 * 3 + 5 + 9 = 0", "no question here"], "suffix")
-    with pytest.raises(reasoning.HeldOutLeak, match="'5 [+] 9 ='"):
+    with pytest.raises(splits.HeldOutLeak, match="'5 [+] 9 ='"):
         reasoning.check_held_out([short], ["5 + 9 = --- 4 --- 4"], "exact")
 
 
@@ -89,7 +89,7 @@ def test_arithmetic_corpus_splits_by_question_and_trains_on_train_only():
     held_out = corpora.arithmetic_problems(300, seed=0, split="test")
     corpora.check_held_out(held_out, corpus, "clean corpus")
     leaked = corpora.document(held_out[7])
-    with pytest.raises(reasoning.HeldOutLeak, match="^planted: held-out question .* occurs in the training documents$"):
+    with pytest.raises(splits.HeldOutLeak, match="^planted: held-out question .* occurs in the training documents$"):
         corpora.check_held_out(held_out, [*corpus, leaked], "planted")
     with pytest.raises(UserError, match="split must be one of"):
         corpora.arithmetic_problems(3, split="validation")

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from qstar_jax.training.splits import HeldOutLeak
 from qstar_jax.toy import ntp_study as toy_ntp_study
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.toy.ntp_study import (FORMS, MARKERS, aggregate, arm_runs, check_test_set, gain_kept, table,
@@ -59,13 +60,13 @@ def test_the_test_set_is_checked_against_every_runs_training_documents():
     base_questions = set(map(toy_reasoning.document_question, training_documents(BASE_CONFIG, runs[0][2])))
     arm_questions = set(map(toy_reasoning.document_question, training_documents(ARM_CONFIG, runs[1][2])))
     planted = toy_reasoning.Problem(sorted(arm_questions - base_questions)[0], "", "")
-    with pytest.raises(toy_reasoning.HeldOutLeak, match=r"^test problems against run teacher_seed0's training"):
+    with pytest.raises(HeldOutLeak, match=r"^test problems against run teacher_seed0's training"):
         check_test_set([*items, planted], runs)
     # A run reading other data is checked on its own, not as its config file's first run.
     seed9 = toy_reasoning.documents(300, 9, 0.0, toy_ntp_study.NUM_OPS)
     extra = ("seed9", ARM_CONFIG, [num_ops, "--config.data.toy.problems=300", "--config.data.toy.seed=9"])
     leaked = next(q for q in map(toy_reasoning.document_question, seed9) if q not in base_questions | arm_questions)
-    with pytest.raises(toy_reasoning.HeldOutLeak, match="run seed9's"):
+    with pytest.raises(HeldOutLeak, match="run seed9's"):
         check_test_set([*items, toy_reasoning.Problem(leaked, "", "")], [*runs, extra])
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qstar_jax.training.splits import HeldOutLeak
 from qstar_jax.toy import reasoning as toy_reasoning
 from qstar_jax.models.config import ModelConfig
 from qstar_jax.method.config import QuietStarConfig
@@ -276,7 +277,7 @@ def test_the_test_problems_are_checked_against_every_trainings_own_documents():
     trainings = [(BASE_CONFIG, base, "base model 2"), (ARM_CONFIG, arm, "base2/ntp_seed0")]
     check_unseen(toy_reasoning.problems(50, STUDY_TEST_SEED, split="test"), trainings)
     trained = toy_reasoning.problems(40, 1)[7]  # a question of the arm's documents
-    with pytest.raises(toy_reasoning.HeldOutLeak, match="base2/ntp_seed0"):
+    with pytest.raises(HeldOutLeak, match="base2/ntp_seed0"):
         check_unseen([trained], trainings)
 
 

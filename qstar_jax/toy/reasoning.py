@@ -51,7 +51,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from qstar_jax import paths
 from qstar_jax.errors import UserError, exit_on_user_error
-from qstar_jax.training.splits import SPLITS, HeldOutLeak, check_split, split_of
+from qstar_jax.training.splits import SPLITS, check_disjoint, check_split, split_of
 
 DELIMITER = "---"
 OTHER_MARKER = "::"  # opens the working in the "aside" variant's other explicit documents
@@ -120,12 +120,9 @@ def document_question(document: str) -> str | None:
 
 
 def check_held_out(items: Sequence[Problem], documents: Iterable[str], what: str) -> None:
-    """Raises HeldOutLeak, naming `what` and the first such question, when a question of
-    `items` is the question of any training document (exact match, one set lookup each)."""
-    trained = {question for question in map(document_question, documents) if question is not None}
-    for item in items:
-        if item.question in trained:
-            raise HeldOutLeak(f"{what}: held-out question {item.question!r} occurs in the training documents")
+    """Raises HeldOutLeak when a question of `items` is the question of a training document."""
+    trained = (question for question in map(document_question, documents) if question is not None)
+    check_disjoint((item.question for item in items), trained, what)
 
 
 def documents(count: int, seed: int, explicit_fraction: float, num_ops: int = 5,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Iterable, Sequence
 
-from qstar_jax.training.splits import HeldOutLeak, check_split, split_of
+from qstar_jax.training.splits import check_disjoint, check_split, split_of
 
 
 def arithmetic_problems(num_problems: int, seed: int = 0, split: str = "train") -> list[dict[str, str]]:
@@ -64,10 +64,7 @@ def document(record: dict[str, str]) -> str:
 
 
 def check_held_out(records: Sequence[dict[str, str]], documents: Iterable[str], what: str) -> None:
-    """Raises HeldOutLeak, naming `what` and the first such question, when a question of
-    `records` is the question of any training document (its text up to the first "?", the
-    one that ends every question: one set lookup per record, exact)."""
-    trained = {head + mark for head, mark, _ in (document.partition("?") for document in documents) if mark}
-    for record in records:
-        if record["question"] in trained:
-            raise HeldOutLeak(f"{what}: held-out question {record['question']!r} occurs in the training documents")
+    """Raises HeldOutLeak when a question of `records` is the question of a training document
+    (its text up to the first "?", the one that ends every question)."""
+    trained = (head + mark for head, mark, _ in (document.partition("?") for document in documents) if mark)
+    check_disjoint((record["question"] for record in records), trained, what)

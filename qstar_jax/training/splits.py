@@ -10,6 +10,7 @@ against its held-out set (`HeldOutLeak`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 from qstar_jax.errors import UserError
 
@@ -35,3 +36,13 @@ def split_of(question: str) -> str:
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def check_disjoint(held_out_questions: Iterable[str], trained_questions: Iterable[str], what: str) -> None:
+    """Raises HeldOutLeak, naming `what` and the first such question, when a held-out question
+    is one a training document asks (exact match, one set lookup each). The generators say
+    what a document's question is (`reasoning.check_held_out`, `corpora.check_held_out`)."""
+    trained = set(trained_questions)
+    for question in held_out_questions:
+        if question in trained:
+            raise HeldOutLeak(f"{what}: held-out question {question!r} occurs in the training documents")
